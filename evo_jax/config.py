@@ -1,0 +1,92 @@
+"""Every setting of a run, with its default. Config files in configs/ start from
+`default_config()` and change what their size needs; the command line overrides any field
+(`--config.train.steps=100`). The config is saved beside the checkpoints and checked on resume.
+"""
+import ml_collections
+
+# Fields that may differ when a run is resumed in the same workdir (how long and how often,
+# not what is trained).
+RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
+                    "train.keep_checkpoints", "train.eval_batches", "train.samples",
+                    "train.sample_tokens", "train.sample_prompt")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
+      d_ff=384, rope_theta=10000.0, norm_eps=1e-6,
+      time_cond="adaln",        # adaln | adaln_lowrank | add
+      time_rank=64, time_dim=128, fourier_dim=64,
+      latent_norm="global",     # global | per_token
+      tie_embeddings=True,
+      dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
+  ))
+  c.schedule = ml_collections.ConfigDict(dict(kind="linear", shift=1.0))
+  c.progression = ml_collections.ConfigDict(dict(
+      window_sizes=(1, 4, 16, -1),       # -1: the whole sequence (diffusion)
+      window_probs=(0.4, 0.2, 0.2, 0.2),
+      window_probs_start=(),             # set to start an "evolving balance" curriculum
+      curriculum_steps=0,
+      pattern_probs=ml_collections.ConfigDict(dict(shared=0.5, ramp=0.25, independent=0.25)),
+      t_base="uniform",                  # uniform | logit_normal
+      logit_normal_mean=0.0, logit_normal_std=1.0,
+      stratified=True,
+      p_t_one=0.1,                       # mass at t = 1, the state decoding starts from
+  ))
+  c.loss = ml_collections.ConfigDict(dict(
+      weighting="ce",        # ce | elbo
+      time_weight=0.1,
+      clean_ar_weight=1.0,
+      flow_weight=0.0,
+  ))
+  c.bound = ml_collections.ConfigDict(dict(
+      log_snr_min=-12.0, log_snr_max=10.0,
+      windows=(1, -1),       # W values whose shared-pattern bound is logged
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      corpus="",             # "" = the Python standard library; else files/globs, comma-separated
+      text_field="text",
+      tokenizer="",          # a SentencePiece .model; "" trains one on the corpus (cached)
+      heldout_fraction=0.05,
+      seq_len=128,
+      batch_size=16,         # global batch
+      shuffle_rows=1024,     # packed training rows are shuffled in windows of this many
+  ))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
+      decay_steps=0,         # length of the cosine decay; 0: train.steps
+      b1=0.9, b2=0.95, clip_norm=1.0,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1))   # -1: every device
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, log_every=50, eval_every=500, ckpt_every=500, keep_checkpoints=2,
+      eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",
+  ))
+  return c
+
+
+def flatten(cfg, prefix=""):
+  """{'a.b': value} for every leaf of a (nested) ConfigDict or dict."""
+  out = {}
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def mismatch(saved: dict, current: ml_collections.ConfigDict):
+  """The first field (not in RESUMABLE_FIELDS) whose value differs, as (name, saved, current),
+  or None."""
+  a, b = flatten(saved), flatten(current.to_dict())
+  for name in sorted(set(a) | set(b)):
+    if name in RESUMABLE_FIELDS:
+      continue
+    if a.get(name, "<absent>") != b.get(name, "<absent>"):
+      return name, a.get(name, "<absent>"), b.get(name, "<absent>")
+  return None

@@ -1,0 +1,233 @@
+"""The objective of method.md section 4 and the likelihood measurements.
+
+- `make_train_loss`: the surrogate being optimised (`ce` or `elbo` weighting of the latent
+  stream, the time-head regression, the clean-stream next-token loss, optional flow matching);
+- `make_bound`: the variational bound in log-SNR space for the `shared` pattern with window W
+  (reconstruction at lambda_max + diffusion integral + prior at lambda_min), in nats per token;
+- `make_ar_path_nll`: the exact conditional NLL of AR decoding (W = 1, t = 1) and the
+  clean-stream next-token NLL.
+
+Per-token quantities are returned as sums with their token counts so that callers can average
+over many batches exactly.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from evo_jax import attention
+from evo_jax import progression
+from evo_jax import schedule as schedule_lib
+from evo_jax.errors import ConfigError
+from evo_jax.model import EvoTransformer
+
+T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8)   # lower edges; t == 1 falls in the last bucket
+WEIGHTINGS = ("ce", "elbo")
+
+
+def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B):
+  """One attention call over [clean stream | latent stream] (length 2L).
+
+  Returns clean-stream logits [B, L, V], latent-stream logits [B, L, V], latent t_hat [B, L].
+  """
+  tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+  B, L = tokens.shape
+  mask = attention.two_stream_mask(seg, window_B, offset_B)
+  both = lambda a, b: jnp.concatenate([a, b], axis=1)
+  logits, t_hat = model.apply(
+      params,
+      both(tokens, tokens),
+      both(jnp.zeros_like(z_BxLxD), z_BxLxD),
+      both(jnp.zeros((B, L), bool), jnp.ones((B, L), bool)),
+      both(jnp.zeros_like(t_BxL), t_BxL),
+      both(pos, pos),
+      mask)
+  return logits[:, :L], logits[:, L:], t_hat[:, L:]
+
+
+def latent_table(model, params):
+  """e(v) for all v. Gradients are stopped: latents are targets and inputs of the path, and
+  letting the loss move them invites the table to collapse toward a point."""
+  return jax.lax.stop_gradient(model.apply(params, method=EvoTransformer.latent_table))
+
+
+def token_xent(logits_BxLxV, tokens_BxL):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, tokens_BxL)
+
+
+def predicted_latent(logits_BxLxV, e_VxD):
+  """e_hat = sum_v p(v) e(v): the model's mean clean latent."""
+  return jax.nn.softmax(logits_BxLxV, axis=-1) @ e_VxD
+
+
+def loss_mask(batch):
+  """Tokens that carry loss: real (segment id > 0) and not prompt (optional `loss_mask`)."""
+  mask = batch["segment_ids"] > 0
+  if "loss_mask" in batch:
+    mask = mask & batch["loss_mask"].astype(bool)
+  return mask
+
+
+def clean_next_token(logits_c_BxLxV, batch):
+  """Next-token NLL of the clean stream: C_i predicts x_{i+1} in the same document.
+  Returns (per-token NLL [B, L-1], mask [B, L-1])."""
+  tokens, seg = batch["tokens"], batch["segment_ids"]
+  nll = token_xent(logits_c_BxLxV[:, :-1], tokens[:, 1:])
+  mask = (seg[:, 1:] == seg[:, :-1]) & loss_mask(batch)[:, 1:]
+  return nll, mask
+
+
+def _masked_sum(x, mask):
+  return jnp.sum(jnp.where(mask, x, 0.0))
+
+
+def make_train_loss(model, cfg):
+  """loss(params, batch, rng, step) -> (scalar loss, aux dict of sums and counts)."""
+  sched = schedule_lib.from_config(cfg.schedule)
+  lcfg = cfg.loss
+  if lcfg.weighting not in WEIGHTINGS:
+    raise ConfigError(f"loss.weighting must be one of {WEIGHTINGS}, got {lcfg.weighting!r}")
+  # The `elbo` weight explodes at the ends; t is kept inside the bound's log-SNR range.
+  t_lo = float(sched.t_from_log_snr(cfg.bound.log_snr_max))
+  t_hi = float(sched.t_from_log_snr(cfg.bound.log_snr_min))
+
+  def loss_fn(params, batch, rng, step):
+    tokens = batch["tokens"]
+    B, L = tokens.shape
+    k_prog, k_eps = jax.random.split(rng)
+    t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
+    e_VxD = latent_table(model, params)
+    e_BxLxD = e_VxD[tokens]
+    eps = jax.random.normal(k_eps, e_BxLxD.shape)
+    z_BxLxD = sched.noise(e_BxLxD, t_BxL, eps)
+    logits_c, logits_z, t_hat = two_stream_forward(
+        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B)
+
+    mask = loss_mask(batch)
+    n_tok = jnp.maximum(mask.sum(), 1)
+    ce_BxL = token_xent(logits_z, tokens)
+    needs_mse = lcfg.weighting == "elbo" or lcfg.flow_weight > 0
+    if needs_mse:
+      mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), axis=-1)
+    if lcfg.weighting == "ce":
+      main_BxL = ce_BxL
+    else:
+      tc = jnp.clip(t_BxL, t_lo, t_hi)
+      lam, dlam_dt = jax.jvp(sched.log_snr, (tc,), (jnp.ones_like(tc),))
+      weight = 0.5 * jnp.exp(lam) * jnp.abs(dlam_dt) / progression.base_density(cfg.progression, tc)
+      main_BxL = jnp.where(t_BxL >= t_hi, 0.0, weight * mse_BxL)
+    loss = _masked_sum(main_BxL, mask) / n_tok
+    if lcfg.flow_weight > 0:
+      # u - u_hat = (a' - s' a / s)(e - e_hat): flow matching is the MSE under this weight.
+      tc = jnp.clip(t_BxL, t_lo, t_hi)
+      (a, s), (da, ds) = jax.jvp(sched.alpha_sigma, (tc,), (jnp.ones_like(tc),))
+      flow_BxL = jnp.square(da - ds * a / s) * mse_BxL
+      loss = loss + lcfg.flow_weight * _masked_sum(flow_BxL, mask) / n_tok
+    time_err_BxL = jnp.square(t_hat - t_BxL)
+    loss = loss + lcfg.time_weight * _masked_sum(time_err_BxL, mask) / n_tok
+    clean_nll, clean_mask = clean_next_token(logits_c, batch)
+    n_clean = jnp.maximum(clean_mask.sum(), 1)
+    clean_loss = _masked_sum(clean_nll, clean_mask) / n_clean
+    if lcfg.clean_ar_weight > 0:
+      loss = loss + lcfg.clean_ar_weight * clean_loss
+
+    edges = jnp.asarray(T_BUCKETS)
+    bucket_BxL = jnp.sum(t_BxL[..., None] >= edges, axis=-1) - 1
+    in_bucket = (bucket_BxL[..., None] == jnp.arange(len(T_BUCKETS))) & mask[..., None]
+    aux = {
+        "loss": loss,
+        "tokens": mask.sum(),
+        "ce_sum": _masked_sum(ce_BxL, mask),
+        "time_abs_err_sum": _masked_sum(jnp.abs(t_hat - t_BxL), mask),
+        "clean_ar_nll": clean_loss,
+        "ce_by_t_sum": jnp.sum(jnp.where(in_bucket, ce_BxL[..., None], 0.0), axis=(0, 1)),
+        "ce_by_t_count": jnp.sum(in_bucket, axis=(0, 1)),
+    }
+    return loss, aux
+
+  return loss_fn
+
+
+def gaussian_prior_kl(e_BxLxD, a, s):
+  """KL(N(a e, s^2 I) || N(0, I)) per token: the prior term of the bound."""
+  D = e_BxLxD.shape[-1]
+  return 0.5 * (a ** 2 * jnp.sum(jnp.square(e_BxLxD), -1) + D * (s ** 2 - 1.0 - 2.0 * jnp.log(s)))
+
+
+def make_bound(model, cfg, window_size):
+  """bound(params, batch, rng) -> dict of per-token sums (nats) and the token count.
+
+  The `shared`-pattern bound with window W (offset 0): every token of a window shares one
+  log-SNR lambda ~ U[lambda_min, lambda_max], stratified across the batch. Estimated in
+  log-SNR space, 1/2 * int exp(lambda) ||e - e_hat||^2 d lambda, so its variance does not
+  depend on the schedule or on how training samples t (method.md section 7).
+  """
+  sched = schedule_lib.from_config(cfg.schedule)
+  lam_min, lam_max = float(cfg.bound.log_snr_min), float(cfg.bound.log_snr_max)
+  # The prior term depends only on lambda_min's (a, s) and the latents.
+  t_min_noise = sched.t_from_log_snr(lam_max)
+  t_max_noise = sched.t_from_log_snr(lam_min)
+
+  def bound_fn(params, batch, rng):
+    tokens = batch["tokens"]
+    B, L = tokens.shape
+    W = L if window_size == -1 else min(window_size, L)
+    window_B = jnp.full((B,), W, jnp.int32)
+    offset_B = jnp.zeros((B,), jnp.int32)
+    k_u, k_eps, k_eps_rec = jax.random.split(rng, 3)
+    u_BxL = progression.stratified_uniforms(k_u, B, L, stratified=True)
+    start_BxL = attention.window_ids(window_B, offset_B, L) * W
+    u_BxL = jnp.take_along_axis(u_BxL, start_BxL, axis=1)
+    lam_BxL = lam_min + (lam_max - lam_min) * u_BxL
+    t_BxL = sched.t_from_log_snr(lam_BxL)
+    e_VxD = latent_table(model, params)
+    e_BxLxD = e_VxD[tokens]
+    z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(k_eps, e_BxLxD.shape))
+    _, logits_z, _ = two_stream_forward(model, params, batch, z, t_BxL, window_B, offset_B)
+    mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), -1)
+    diffusion_BxL = 0.5 * (lam_max - lam_min) * jnp.exp(lam_BxL) * mse_BxL
+
+    t_rec = jnp.full((B, L), t_min_noise)
+    z_rec = sched.noise(e_BxLxD, t_rec, jax.random.normal(k_eps_rec, e_BxLxD.shape))
+    _, logits_rec, _ = two_stream_forward(model, params, batch, z_rec, t_rec, window_B, offset_B)
+    recon_BxL = token_xent(logits_rec, tokens)
+
+    a, s = sched.alpha_sigma(t_max_noise)
+    prior_BxL = gaussian_prior_kl(e_BxLxD, a, s)
+
+    mask = batch["segment_ids"] > 0
+    sums = {
+        "diffusion": _masked_sum(diffusion_BxL, mask),
+        "recon": _masked_sum(recon_BxL, mask),
+        "prior": _masked_sum(prior_BxL, mask),
+    }
+    sums["bound"] = sums["diffusion"] + sums["recon"] + sums["prior"]
+    sums["tokens"] = mask.sum()
+    return sums
+
+  return bound_fn
+
+
+def make_ar_path_nll(model, cfg):
+  """ar(params, batch, rng) -> sums of the AR-path NLL (latent stream, W = 1, t = 1) over all
+  real tokens and of the clean-stream next-token NLL, with their counts."""
+  sched = schedule_lib.from_config(cfg.schedule)
+
+  def ar_fn(params, batch, rng):
+    tokens = batch["tokens"]
+    B, L = tokens.shape
+    ones_B = jnp.ones((B,), jnp.int32)
+    t_BxL = jnp.ones((B, L), jnp.float32)
+    e_BxLxD = latent_table(model, params)[tokens]
+    z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(rng, e_BxLxD.shape))
+    logits_c, logits_z, _ = two_stream_forward(
+        model, params, batch, z, t_BxL, ones_B, 0 * ones_B)
+    mask = batch["segment_ids"] > 0
+    clean_nll, clean_mask = clean_next_token(logits_c, batch)
+    return {
+        "ar_nll": _masked_sum(token_xent(logits_z, tokens), mask),
+        "tokens": mask.sum(),
+        "clean_nll": _masked_sum(clean_nll, clean_mask),
+        "clean_tokens": clean_mask.sum(),
+    }
+
+  return ar_fn

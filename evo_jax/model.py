@@ -1,0 +1,255 @@
+"""The progression-conditioned Transformer of method.md section 2.
+
+One network reads a sequence in which every position is either a clean token (read as its
+embedding E[x]) or a latent z at time t (read as rms(E) * z), conditions every block on the
+per-token time t through a zero-initialised adaLN modulation, and returns token logits (tied
+head) and the time head's estimate t_hat. Which positions see which is entirely the caller's
+mask (see attention.py), so the same module serves training (clean + latent streams), the AR
+path and every decoding policy.
+
+Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, time) so
+that sharding rules can place them on a mesh.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from evo_jax.errors import ConfigError
+
+from evo_jax import attention
+
+TIME_CONDS = ("adaln", "adaln_lowrank", "add")
+LATENT_NORMS = ("global", "per_token")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 2048
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 0          # 0: d_model // n_heads
+  d_ff: int = 384
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  time_cond: str = "adaln"
+  time_rank: int = 64        # adaln_lowrank only
+  time_dim: int = 128        # width of the time embedding c
+  fourier_dim: int = 64
+  latent_norm: str = "global"
+  tie_embeddings: bool = True
+  dtype: str = "float32"     # compute dtype; parameters are always float32
+
+  def __post_init__(self):
+    if self.time_cond not in TIME_CONDS:
+      raise ConfigError(f"model.time_cond must be one of {TIME_CONDS}, got {self.time_cond!r}")
+    if self.latent_norm not in LATENT_NORMS:
+      raise ConfigError(f"model.latent_norm must be one of {LATENT_NORMS}, got {self.latent_norm!r}")
+    if self.dtype not in DTYPES:
+      raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
+                       f"model.n_kv_heads={self.n_kv_heads}")
+
+  @property
+  def head_size(self):
+    return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+def from_config(cfg) -> ModelConfig:
+  return ModelConfig(**cfg.to_dict())
+
+
+def _init(initializer, *names):
+  return nn.with_logical_partitioning(initializer, names)
+
+
+zeros = nn.initializers.zeros_init()
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", _init(nn.initializers.ones_init(), "embed"), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(x.dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, theta):
+  """Rotary embedding, rotating the two halves of each head (the LLaMA/HF layout)."""
+  H = x_BxTxNxH.shape[-1]
+  freqs = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+    cfg = self.cfg
+    H, N, K = cfg.head_size, cfg.n_heads, cfg.n_kv_heads
+    init = nn.initializers.lecun_normal()
+    dense = lambda feats, name, names: nn.DenseGeneral(
+        feats, use_bias=False, dtype=cfg.compute_dtype, name=name,
+        kernel_init=_init(init, *names))
+    q = dense((N, H), "q", ("embed", "heads", "head_dim"))(x_BxTxD)
+    k = dense((K, H), "k", ("embed", "kv_heads", "head_dim"))(x_BxTxD)
+    v = dense((K, H), "v", ("embed", "kv_heads", "head_dim"))(x_BxTxD)
+    q = apply_rope(q, positions_BxT, cfg.rope_theta)
+    k = apply_rope(k, positions_BxT, cfg.rope_theta)
+    out = attention.dot_product_attention(q, k, v, mask_BxTxT)
+    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+                           kernel_init=_init(init, "heads", "head_dim", "embed"),
+                           name="o")(out)
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    init = nn.initializers.lecun_normal()
+    dense = lambda feats, name, names: nn.Dense(
+        feats, use_bias=False, dtype=cfg.compute_dtype, name=name,
+        kernel_init=_init(init, *names))
+    gate = dense(cfg.d_ff, "gate", ("embed", "mlp"))(x_BxTxD)
+    up = dense(cfg.d_ff, "up", ("embed", "mlp"))(x_BxTxD)
+    return dense(cfg.d_model, "down", ("mlp", "embed"))(nn.silu(gate) * up)
+
+
+class TimeEmbedding(nn.Module):
+  """c = MLP(Fourier(t)): the per-token time code shared by every block."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, t_BxT):
+    cfg = self.cfg
+    n = cfg.fourier_dim // 2
+    freqs = 2.0 * jnp.pi * jnp.exp(jnp.linspace(0.0, math.log(256.0), n))
+    angles = t_BxT[..., None].astype(jnp.float32) * freqs
+    feats = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    init = nn.initializers.lecun_normal()
+    h = nn.Dense(cfg.time_dim, kernel_init=_init(init, None, "time"),
+                 bias_init=_init(zeros, "time"), name="in")(feats)
+    h = nn.Dense(cfg.time_dim, kernel_init=_init(init, "time", "time"),
+                 bias_init=_init(zeros, "time"), name="out")(nn.silu(h))
+    return h
+
+
+class Modulation(nn.Module):
+  """Per-token (shift, scale, gate) triples from c, zero-initialised: identity at init."""
+  cfg: ModelConfig
+  n_outputs: int
+
+  @nn.compact
+  def __call__(self, c_BxTxC):
+    cfg = self.cfg
+    h = nn.silu(c_BxTxC)
+    if cfg.time_cond == "adaln_lowrank":
+      h = nn.Dense(cfg.time_rank, use_bias=False, name="down",
+                   kernel_init=_init(nn.initializers.lecun_normal(), "time", None))(h)
+    out = nn.Dense(self.n_outputs * cfg.d_model, name="proj",
+                   kernel_init=_init(zeros, None, "embed"),
+                   bias_init=_init(zeros, "embed"))(h)
+    return jnp.split(out.astype(cfg.compute_dtype), self.n_outputs, axis=-1)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, c_BxTxC, positions_BxT, mask_BxTxT):
+    cfg = self.cfg
+    if cfg.time_cond == "add":
+      mods = [jnp.zeros((), cfg.compute_dtype)] * 6
+    else:
+      mods = Modulation(cfg, 6, name="modulation")(c_BxTxC)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods
+    # (1 + gate) rather than DiT's gate: a zero-initialised gate must leave the block as it was.
+    h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD) * (1 + scale1) + shift1
+    x_BxTxD = x_BxTxD + (1 + gate1) * Attention(cfg, name="attn")(h, positions_BxT, mask_BxTxT)
+    h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_BxTxD) * (1 + scale2) + shift2
+    return x_BxTxD + (1 + gate2) * SwiGLU(cfg, name="mlp")(h)
+
+
+class EvoTransformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param(
+        "embedding", _init(nn.initializers.normal(stddev=0.02), "vocab", "embed"),
+        (cfg.vocab_size, cfg.d_model))
+    self.time_embed = TimeEmbedding(cfg)
+    if cfg.time_cond == "add":
+      self.time_in = nn.Dense(cfg.d_model, kernel_init=_init(zeros, "time", "embed"),
+                              bias_init=_init(zeros, "embed"))
+    self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps)
+    if cfg.time_cond != "add":
+      self.final_modulation = Modulation(cfg, 2)
+    if not cfg.tie_embeddings:
+      self.head = nn.Dense(cfg.vocab_size, use_bias=False,
+                           kernel_init=_init(nn.initializers.lecun_normal(), "embed", "vocab"))
+    self.time_head = nn.Dense(1, kernel_init=_init(zeros, "embed", None),
+                              bias_init=_init(zeros, None))
+
+  def read_scale(self):
+    """rms(E): latents live at unit scale and are read back at the embedding's scale."""
+    return jnp.sqrt(jnp.mean(jnp.square(self.embedding)))
+
+  def latent_table(self):
+    """e(v) for every token v: [V, D] float32 (method.md section 1, option latent.norm)."""
+    E = self.embedding
+    if self.cfg.latent_norm == "global":
+      return E / self.read_scale()
+    return math.sqrt(self.cfg.d_model) * E / jnp.linalg.norm(E, axis=-1, keepdims=True)
+
+  def __call__(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT):
+    """Logits [B, T, V] (float32) and t_hat [B, T] for a mixed clean/latent sequence.
+
+    Clean positions read E[token]; latent positions read rms(E) * z. latents_BxTxD may be
+    None when no position is latent.
+    """
+    cfg = self.cfg
+    x = jnp.take(self.embedding, tokens_BxT, axis=0)
+    if latents_BxTxD is not None:
+      z = self.read_scale() * latents_BxTxD.astype(jnp.float32)
+      x = jnp.where(is_latent_BxT[..., None], z, x)
+    x = x.astype(cfg.compute_dtype)
+    c_BxTxC = self.time_embed(t_BxT)
+    if cfg.time_cond == "add":
+      x = x + self.time_in(nn.silu(c_BxTxC)).astype(cfg.compute_dtype)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    for block in self.blocks:
+      x = block(x, c_BxTxC, positions_BxT, mask_BxTxT)
+    h = self.final_norm(x)
+    if cfg.time_cond != "add":
+      shift, scale = self.final_modulation(c_BxTxC)
+      h = h * (1 + scale) + shift
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", h, self.embedding.astype(cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = self.head(h).astype(jnp.float32)
+    t_hat = jax.nn.sigmoid(self.time_head(h.astype(jnp.float32))[..., 0])
+    return logits, t_hat

@@ -1,0 +1,281 @@
+"""Training: `python -m evo_jax.train --config configs/tiny.py --workdir DIR [--config.x.y=v]`.
+
+Read top to bottom: build the model, optimizer and data from the config; restore the latest
+checkpoint in DIR if there is one; run the jitted step; log, evaluate and save periodically;
+at the end print the headline numbers and a few samples decoded from the saved checkpoint.
+"""
+import math
+import os
+import sys
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from evo_jax import checkpoint
+from evo_jax import cli
+from evo_jax import config as config_lib
+from evo_jax import data
+from evo_jax import loss as loss_lib
+from evo_jax import metrics as metrics_lib
+from evo_jax import model as model_lib
+from evo_jax import sharding
+from evo_jax.errors import ConfigError
+
+LN2 = math.log(2.0)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def learning_rate_fn(ocfg, total_steps):
+  decay_steps = ocfg.decay_steps or total_steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=ocfg.lr, warmup_steps=ocfg.warmup_steps,
+      decay_steps=max(decay_steps, ocfg.warmup_steps + 1), end_value=ocfg.lr * ocfg.min_lr_ratio)
+
+
+def make_optimizer(ocfg, total_steps):
+  """AdamW with warm-up, cosine decay and global-norm clipping; no decay on vectors (norms,
+  biases)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(ocfg.clip_norm),
+      optax.adamw(learning_rate_fn(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
+                  weight_decay=ocfg.weight_decay, mask=decay_mask))
+
+
+def init_params(model, rng, seq_len=8):
+  """Fresh parameters (float32), with the logical-axis boxes removed."""
+  B, L, D = 1, seq_len, model.cfg.d_model
+  tokens = jnp.zeros((B, L), jnp.int32)
+  variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
+                         jnp.zeros((B, L)), jnp.zeros((B, L), jnp.int32),
+                         jnp.ones((B, L, L), bool))
+  return nn.meta.unbox(variables)
+
+
+def init_state(model, tx, rng):
+  params = init_params(model, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def make_train_step(model, tx, cfg):
+  loss_fn = loss_lib.make_train_loss(model, cfg)
+  base_key = jax.random.key(cfg.seed)
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, aux), grads = grad_fn(state.params, batch, rng, state.step)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    aux["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
+
+  return train_step
+
+
+def make_measure(model, cfg):
+  """measure(params, batch, rng) -> sums for the bound (each W in bound.windows) and the
+  AR-path NLL; used on training batches at log steps and on the held-out split."""
+  bounds = {w: loss_lib.make_bound(model, cfg, w) for w in cfg.bound.windows}
+  ar_fn = loss_lib.make_ar_path_nll(model, cfg)
+
+  def measure(params, batch, rng):
+    out = {}
+    for i, (w, fn) in enumerate(bounds.items()):
+      for name, value in fn(params, batch, jax.random.fold_in(rng, i)).items():
+        out[f"bound_w{w}/{name}"] = value
+    out.update(ar_fn(params, batch, jax.random.fold_in(rng, len(bounds))))
+    return out
+
+  return measure
+
+
+def summarize(sums, windows):
+  """Per-token averages from measure()'s sums (possibly accumulated over batches)."""
+  n = max(float(sums["tokens"]), 1.0)
+  out = {}
+  for w in windows:
+    nb = max(float(sums[f"bound_w{w}/tokens"]), 1.0)
+    name = "L" if w == -1 else str(w)
+    out[f"bound_w{name}_bpt"] = float(sums[f"bound_w{w}/bound"]) / nb / LN2
+    for term in ("diffusion", "recon", "prior"):
+      out[f"bound_w{name}_{term}_bpt"] = float(sums[f"bound_w{w}/{term}"]) / nb / LN2
+  out["ar_nll"] = float(sums["ar_nll"]) / n
+  out["ar_ppl"] = math.exp(min(out["ar_nll"], 50.0))
+  out["clean_ar_nll"] = float(sums["clean_nll"]) / max(float(sums["clean_tokens"]), 1.0)
+  out["clean_ar_ppl"] = math.exp(min(out["clean_ar_nll"], 50.0))
+  return out
+
+
+def check_workdir_config(cfg, workdir):
+  """Refuses a workdir that holds another config's run; records this config otherwise."""
+  os.makedirs(workdir, exist_ok=True)
+  saved = checkpoint.read_config(workdir)
+  if saved is not None:
+    diff = config_lib.mismatch(saved, cfg)
+    if diff:
+      name, was, now = diff
+      raise ConfigError(f"workdir {workdir} holds a run with another config: {name} is {was!r} "
+                        f"there and {now!r} here (use another --workdir)")
+  checkpoint.write_config(workdir, cfg.to_dict())
+
+
+class Trainer:
+  """Everything a run needs, built from its config; `run()` trains, `evaluate()` measures."""
+
+  def __init__(self, cfg, workdir):
+    self.cfg, self.workdir = cfg, workdir
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    if cfg.data.batch_size % sharding.data_size(self.mesh):
+      raise sharding.MeshError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                               f"the {sharding.data_size(self.mesh)} data-parallel devices")
+    self.tokenizer = data.load_or_train_tokenizer(
+        cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
+        cfg.data.heldout_fraction, cfg.data.text_field)
+    if self.tokenizer.vocab_size != cfg.model.vocab_size:
+      raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} "
+                        f"pieces but model.vocab_size={cfg.model.vocab_size}")
+    self.model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    self.lr = learning_rate_fn(cfg.optim, cfg.train.steps)
+
+    repl = sharding.replicated(self.mesh)
+    init = lambda rng: init_state(self.model, self.tx, rng)
+    abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
+    self.state_sharding = jax.tree.map(lambda _: repl, abstract)
+    self.abstract_state = checkpoint.abstract_like(abstract, self.state_sharding)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    batch_sh = sharding.batch_sharding(self.mesh)
+    self._step = jax.jit(make_train_step(self.model, self.tx, cfg),
+                         in_shardings=(self.state_sharding, batch_sh),
+                         out_shardings=(self.state_sharding, repl), donate_argnums=0)
+    self._measure = jax.jit(make_measure(self.model, cfg),
+                            in_shardings=(self.state_sharding.params, batch_sh, repl),
+                            out_shardings=repl)
+
+  def dataset(self, split):
+    d = self.cfg.data
+    return data.make_dataset(
+        d.corpus, split, self.tokenizer, d.seq_len, d.batch_size, seed=self.cfg.seed,
+        heldout_fraction=d.heldout_fraction, text_field=d.text_field,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        shuffle_rows=d.shuffle_rows)
+
+  def global_batch(self, local):
+    return sharding.global_batch(local, self.mesh, self.cfg.data.batch_size)
+
+  def step(self, state, local_batch):
+    return self._step(state, self.global_batch(local_batch))
+
+  def measure(self, params, local_batch, step, salt=0):
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step), salt)
+    return self._measure(params, self.global_batch(local_batch), rng)
+
+  def evaluate(self, params, batches, step):
+    """The bound and AR-path perplexity over the held-out batches."""
+    total = None
+    for i, batch in enumerate(batches):
+      sums = jax.device_get(self.measure(params, batch, step, salt=i + 1))
+      total = sums if total is None else jax.tree.map(np.add, total, sums)
+    return summarize(total, self.cfg.bound.windows)
+
+  def run(self, log=print):
+    cfg, workdir = self.cfg, self.workdir
+    tcfg = cfg.train
+    ckpts = checkpoint.RunCheckpoints(workdir, keep=tcfg.keep_checkpoints)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    data_iter = iter(self.dataset("train"))
+    eval_batches = data.make_eval_batches(
+        cfg.data.corpus, self.tokenizer, cfg.data.seq_len, cfg.data.batch_size,
+        tcfg.eval_batches, cfg.data.heldout_fraction, cfg.data.text_field)
+
+    start = ckpts.latest_step()
+    if start is None:
+      state, start = self._init(jax.random.key(cfg.seed)), 0
+    else:
+      state = ckpts.restore(start, self.abstract_state, data_iter)
+      log(f"resumed from {ckpts.directory}/{start}")
+
+    tick, tick_step, tokens_since = time.perf_counter(), start, 0
+    for step in range(start, tcfg.steps):
+      batch = next(data_iter)
+      tokens_since += int(np.sum(batch["segment_ids"] > 0))
+      state, aux = self.step(state, batch)
+      done = step + 1
+      if done % tcfg.log_every == 0 or done == tcfg.steps:
+        aux = jax.device_get(aux)
+        now = time.perf_counter()
+        record = self._train_record(aux, done)
+        record.update(summarize(jax.device_get(self.measure(state.params, batch, done)),
+                               cfg.bound.windows))
+        record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
+        record["split"] = "train"
+        writer.write(done, record)
+        log(status_line(done, tcfg.steps, record))
+        tick, tick_step, tokens_since = time.perf_counter(), done, 0
+      if done % tcfg.eval_every == 0 or done == tcfg.steps:
+        ev = self.evaluate(state.params, eval_batches, done)
+        writer.write(done, {"split": "heldout", **ev})
+        log(f"  held-out @ {done}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in ev.items() if not k.endswith(("_diffusion_bpt", "_recon_bpt", "_prior_bpt"))))
+        tick = time.perf_counter()  # evaluation time is not training throughput
+      if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+        ckpts.save(done, state, data_iter, cfg.to_dict())
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+    return state
+
+  def _train_record(self, aux, step):
+    n = max(float(aux["tokens"]), 1.0)
+    counts = np.maximum(aux["ce_by_t_count"], 1)
+    ce_by_t = np.where(aux["ce_by_t_count"] > 0, aux["ce_by_t_sum"] / counts, np.nan)
+    return {
+        "loss": float(aux["loss"]),
+        "latent_ce": float(aux["ce_sum"]) / n,
+        "ce_by_t": ce_by_t,
+        "time_abs_err": float(aux["time_abs_err_sum"]) / n,
+        "clean_ar_loss": float(aux["clean_ar_nll"]),
+        "grad_norm": float(aux["grad_norm"]),
+        "lr": float(self.lr(step - 1)),
+    }
+
+
+def status_line(step, total, r):
+  bound = next((v for k, v in r.items() if k.startswith("bound_w") and k.endswith("L_bpt")), None)
+  tps = r.get("tokens_per_sec")
+  return (f"step {step:>6}/{total} | loss {r['loss']:.3f} | bound(W=L) {bound:.3f} bpt | "
+          f"AR-path ppl {r['ar_ppl']:.2f} | clean ppl {r['clean_ar_ppl']:.2f} | "
+          f"t-err {r['time_abs_err']:.3f} | lr {r['lr']:.2e} | "
+          + (f"{tps:,.0f} tok/s" if tps else "-"))
+
+
+def train_and_report(cfg, workdir, log=print):
+  check_workdir_config(cfg, workdir)
+  trainer = Trainer(cfg, workdir)
+  trainer.run(log=log)
+  if jax.process_index() == 0 and cfg.train.samples > 0:
+    from evo_jax import decode  # the report decodes from the checkpoint on disk
+    decode.print_report(workdir, cfg.train.samples, cfg.train.sample_tokens,
+                        cfg.train.sample_prompt, log=log)
+
+
+def main(argv=None):
+  with cli.user_errors():
+    cfg, args = cli.parse_args(sys.argv[1:] if argv is None else argv, __doc__)
+    train_and_report(cfg, args.workdir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,41 @@
+import os
+import pathlib
+
+import pytest
+
+# Simulated devices for the multi-device tests; must be set before JAX is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def small_cfg():
+  """The default config shrunk to a model that compiles and steps in well under a second."""
+  from evo_jax import config
+  cfg = config.default_config()
+  cfg.model.update(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   time_dim=32, fourier_dim=16, time_rank=8)
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def stdlib_tokenizer(tmp_path_factory):
+  """A small SentencePiece model on the default corpus, trained once for the whole session."""
+  from evo_jax import data
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  data.train_tokenizer(str(path), "", 512, 0.05, max_training_chars=1_000_000)
+  return str(path)
+
+
+@pytest.fixture
+def run_cfg(small_cfg, stdlib_tokenizer):
+  """A small but complete run on the standard library: trains in seconds."""
+  cfg = small_cfg
+  cfg.model.vocab_size = 512
+  cfg.data.update(tokenizer=stdlib_tokenizer, seq_len=32, batch_size=8)
+  cfg.optim.update(warmup_steps=2, lr=3e-3)
+  cfg.train.update(steps=6, log_every=2, eval_every=6, ckpt_every=3, eval_batches=2,
+                   samples=0)
+  return cfg

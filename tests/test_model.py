@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evo_jax import attention
+from evo_jax import decode
+from evo_jax import loss as loss_lib
+from evo_jax import model as model_lib
+from evo_jax import train
+
+
+forward = jax.jit(loss_lib.two_stream_forward, static_argnums=0)
+ar_path_logits = jax.jit(decode.ar_path_logits, static_argnums=0)
+
+
+def make(cfg, seed=0):
+  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+  return model, train.init_params(model, jax.random.key(seed))
+
+
+def single_doc_batch(cfg, B=2, L=12, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (B, L), 4, cfg.model.vocab_size)
+  return {"tokens": tokens, "segment_ids": jnp.ones((B, L), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(L), (B, L))}
+
+
+@pytest.mark.parametrize("time_cond", ["adaln", "adaln_lowrank", "add"])
+def test_fresh_time_conditioning_is_identity(small_cfg, time_cond):
+  """Zero-initialised conditioning: a fresh model's outputs do not depend on t at all."""
+  small_cfg.model.time_cond = time_cond
+  model, params = make(small_cfg)
+  batch = single_doc_batch(small_cfg)
+  B, L = batch["tokens"].shape
+  z = jax.random.normal(jax.random.key(3), (B, L, small_cfg.model.d_model))
+  ones, zeros = jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
+  t_rand = jax.random.uniform(jax.random.key(4), (B, L))
+  out0 = forward(model, params, batch, z, jnp.zeros((B, L)), 4 * ones, zeros)
+  out1 = forward(model, params, batch, z, t_rand, 4 * ones, zeros)
+  for a, b in zip(out0, out1):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ar_path_equals_independent_causal_computation(small_cfg):
+  """W = 1, t = 1: latent i's logits are next-token prediction from the clean prefix, equal to a
+  separate computation that sees only x_<i and one pure-noise latent at position i."""
+  model, params = make(small_cfg, seed=1)
+  # Move the time conditioning off zero so that t really matters in this check.
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(9), p.shape),
+                        params)
+  batch = single_doc_batch(small_cfg, B=2, L=10)
+  B, L = batch["tokens"].shape
+  eps = jax.random.normal(jax.random.key(5), (B, L, small_cfg.model.d_model))
+  ones = jnp.ones((B,), jnp.int32)
+  _, logits_z, _ = forward(
+      model, params, batch, eps, jnp.ones((B, L)), ones, 0 * ones)
+  for n in range(L):
+    separate = ar_path_logits(model, params, batch["tokens"], jnp.full((B,), n),
+                                     eps[:, n])
+    np.testing.assert_allclose(np.asarray(separate), np.asarray(logits_z[:, n]),
+                               rtol=1e-5, atol=1e-5)
+  # And the clean prefix really matters: another prefix changes the logits at the last position.
+  other = batch["tokens"].at[:, 0].set((batch["tokens"][:, 0] + 1) % small_cfg.model.vocab_size)
+  changed = ar_path_logits(model, params, other, jnp.full((B,), L - 1), eps[:, -1])
+  assert not np.allclose(np.asarray(changed), np.asarray(logits_z[:, -1]))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(small_cfg):
+  model32, params = make(small_cfg)
+  small_cfg.model.dtype = "bfloat16"
+  model16 = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  batch = single_doc_batch(small_cfg)
+  B, L = batch["tokens"].shape
+  z = jnp.zeros((B, L, small_cfg.model.d_model))
+  args = (batch, z, jnp.full((B, L), 0.5), jnp.full((B,), 3), jnp.zeros((B,), jnp.int32))
+  l32 = forward(model32, params, *args)[1]
+  l16 = forward(model16, params, *args)[1]
+  assert l16.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(l16), np.asarray(l32), atol=0.1)
+
+
+def test_tied_head_and_latent_scale(small_cfg):
+  """A clean token enters as its embedding, and a latent e(x) read at rms(E) is the same input."""
+  model, params = make(small_cfg)
+  E = params["params"]["embedding"]
+  e = model.apply(params, method=model_lib.EvoTransformer.latent_table)
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(np.asarray(e)))), 1.0, rtol=1e-5)
+  batch = single_doc_batch(small_cfg, B=1, L=6)
+  tokens = batch["tokens"]
+  mask = attention.causal_mask(batch["segment_ids"])
+  t = jnp.zeros((1, 6))
+  clean = model.apply(params, tokens, None, None, t, batch["positions"], mask)[0]
+  as_latent = model.apply(params, tokens, e[tokens], jnp.ones((1, 6), bool), t,
+                          batch["positions"], mask)[0]
+  np.testing.assert_allclose(np.asarray(clean), np.asarray(as_latent), rtol=1e-5, atol=1e-5)
+  assert E.shape == (small_cfg.model.vocab_size, small_cfg.model.d_model)
+  assert "head" not in params["params"]  # tied by default
