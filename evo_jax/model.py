@@ -103,7 +103,13 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxT, cache=None):
+    """Attention of the T inputs among themselves and, with a cache, to S earlier positions.
+
+    cache: None, or (k_BxSxKxH, v_BxSxKxH, mask_BxTxS): keys and values (RoPE applied) computed
+    earlier, e.g. a decoding prefix, and which of them each input may see. Returns the output
+    [B, T, D] and the inputs' own (k_BxTxKxH, v_BxTxKxH), which a decoder caches.
+    """
     cfg = self.cfg
     H, N, K = cfg.head_size, cfg.n_heads, cfg.n_kv_heads
     init = nn.initializers.lecun_normal()
@@ -115,10 +121,18 @@ class Attention(nn.Module):
     v = dense((K, H), "v", ("embed", "kv_heads", "head_dim"))(x_BxTxD)
     q = apply_rope(q, positions_BxT, cfg.rope_theta)
     k = apply_rope(k, positions_BxT, cfg.rope_theta)
-    out = attention.dot_product_attention(q, k, v, mask_BxTxT)
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-                           kernel_init=_init(init, "heads", "head_dim", "embed"),
-                           name="o")(out)
+    keys, values, mask = k, v, mask_BxTxT
+    if cache is not None:
+      # Keys are stored rotated, so a cached position never needs its RoPE angle again.
+      k_BxSxKxH, v_BxSxKxH, mask_BxTxS = cache
+      keys = jnp.concatenate([k_BxSxKxH.astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([v_BxSxKxH.astype(v.dtype), v], axis=1)
+      mask = jnp.concatenate([mask_BxTxS, mask_BxTxT], axis=2)
+    out = attention.dot_product_attention(q, keys, values, mask)
+    out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+                          kernel_init=_init(init, "heads", "head_dim", "embed"),
+                          name="o")(out)
+    return out, (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -177,7 +191,8 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, c_BxTxC, positions_BxT, mask_BxTxT):
+  def __call__(self, x_BxTxD, c_BxTxC, positions_BxT, mask_BxTxT, cache=None):
+    """-> (output [B, T, D], the attention's (k, v) of the T inputs); cache: see Attention."""
     cfg = self.cfg
     if cfg.time_cond == "add":
       mods = [jnp.zeros((), cfg.compute_dtype)] * 6
@@ -186,9 +201,10 @@ class Block(nn.Module):
     shift1, scale1, gate1, shift2, scale2, gate2 = mods
     # (1 + gate) rather than DiT's gate: a zero-initialised gate must leave the block as it was.
     h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BxTxD) * (1 + scale1) + shift1
-    x_BxTxD = x_BxTxD + (1 + gate1) * Attention(cfg, name="attn")(h, positions_BxT, mask_BxTxT)
+    attn, kv = Attention(cfg, name="attn")(h, positions_BxT, mask_BxTxT, cache)
+    x_BxTxD = x_BxTxD + (1 + gate1) * attn
     h = RMSNorm(cfg.norm_eps, name="mlp_norm")(x_BxTxD) * (1 + scale2) + shift2
-    return x_BxTxD + (1 + gate2) * SwiGLU(cfg, name="mlp")(h)
+    return x_BxTxD + (1 + gate2) * SwiGLU(cfg, name="mlp")(h), kv
 
 
 class EvoTransformer(nn.Module):
@@ -230,6 +246,22 @@ class EvoTransformer(nn.Module):
     Clean positions read E[token]; latent positions read rms(E) * z. latents_BxTxD may be
     None when no position is latent.
     """
+    logits, t_hat, _ = self.forward_with_cache(
+        tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT)
+    return logits, t_hat
+
+  def forward_with_cache(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT,
+                         mask_BxTxT, cache_k_NxBxSxKxH=None, cache_v_NxBxSxKxH=None,
+                         cache_mask_BxTxS=None):
+    """__call__ for decoding: the T inputs may also attend to S cached positions.
+
+    The cache holds, for each of the N = n_layers layers, the keys and values (RoPE applied)
+    of earlier positions: the committed clean prefix, which is causal and never sees a latent,
+    so its keys and values never change once written (method.md section 3). cache_mask_BxTxS
+    says which cached positions each input sees. Returns (logits [B, T, V], t_hat [B, T],
+    (k_NxBxTxKxH, v_NxBxTxKxH)): the inputs' own per-layer keys and values, so that the
+    caller can append the clean ones to its cache. Without a cache this is __call__.
+    """
     cfg = self.cfg
     x = jnp.take(self.embedding, tokens_BxT, axis=0)
     if latents_BxTxD is not None:
@@ -240,8 +272,14 @@ class EvoTransformer(nn.Module):
     if cfg.time_cond == "add":
       x = x + self.time_in(nn.silu(c_BxTxC)).astype(cfg.compute_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    for block in self.blocks:
-      x = block(x, c_BxTxC, positions_BxT, mask_BxTxT)
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      cache = None
+      if cache_k_NxBxSxKxH is not None:
+        cache = (cache_k_NxBxSxKxH[i], cache_v_NxBxSxKxH[i], cache_mask_BxTxS)
+      x, (k, v) = block(x, c_BxTxC, positions_BxT, mask_BxTxT, cache)
+      ks.append(k)
+      vs.append(v)
     h = self.final_norm(x)
     if cfg.time_cond != "add":
       shift, scale = self.final_modulation(c_BxTxC)
@@ -252,4 +290,4 @@ class EvoTransformer(nn.Module):
     else:
       logits = self.head(h).astype(jnp.float32)
     t_hat = jax.nn.sigmoid(self.time_head(h.astype(jnp.float32))[..., 0])
-    return logits, t_hat
+    return logits, t_hat, (jnp.stack(ks), jnp.stack(vs))
