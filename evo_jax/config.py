@@ -60,7 +60,13 @@ def default_config() -> ml_collections.ConfigDict:
       decay_steps=0,         # length of the cosine decay; 0: train.steps
       b1=0.9, b2=0.95, clip_norm=1.0,
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1))   # -1: every device
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the rest
+  # Logical axis names of the parameters (model.py) -> mesh axes. The defaults shard nothing
+  # unless mesh.fsdp or mesh.tensor is > 1.
+  c.sharding = ml_collections.ConfigDict(dict(rules=ml_collections.ConfigDict(dict(
+      vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor", head_dim=None,
+      mlp="tensor", time=None,
+  ))))
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=50, eval_every=500, ckpt_every=500, keep_checkpoints=2,
       eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",

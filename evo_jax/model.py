@@ -164,7 +164,7 @@ class TimeEmbedding(nn.Module):
     init = nn.initializers.lecun_normal()
     h = nn.Dense(cfg.time_dim, kernel_init=_init(init, None, "time"),
                  bias_init=_init(zeros, "time"), name="in")(feats)
-    h = nn.Dense(cfg.time_dim, kernel_init=_init(init, "time", "time"),
+    h = nn.Dense(cfg.time_dim, kernel_init=_init(init, None, "time"),
                  bias_init=_init(zeros, "time"), name="out")(nn.silu(h))
     return h
 

@@ -53,19 +53,27 @@ def make_optimizer(ocfg, total_steps):
                   weight_decay=ocfg.weight_decay, mask=decay_mask))
 
 
-def init_params(model, rng, seq_len=8):
-  """Fresh parameters (float32), with the logical-axis boxes removed."""
+def init_params(model, rng, seq_len=8, unbox=True):
+  """Fresh float32 parameters. unbox=False keeps flax's logical-axis boxes, from which
+  `state_shardings` reads where each array goes."""
   B, L, D = 1, seq_len, model.cfg.d_model
   tokens = jnp.zeros((B, L), jnp.int32)
   variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
                          jnp.zeros((B, L)), jnp.zeros((B, L), jnp.int32),
                          jnp.ones((B, L, L), bool))
-  return nn.meta.unbox(variables)
+  return nn.meta.unbox(variables) if unbox else variables
 
 
-def init_state(model, tx, rng):
-  params = init_params(model, rng)
+def init_state(model, tx, rng, unbox=True):
+  params = init_params(model, rng, unbox=unbox)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(model, tx, mesh, rules):
+  """The NamedSharding of every leaf of the train state: the optimizer's moments follow their
+  parameters, scalars are replicated."""
+  boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False), jax.random.key(0))
+  return sharding.tree_shardings(boxed, mesh, rules)
 
 
 def make_train_step(model, tx, cfg):
@@ -101,13 +109,17 @@ def make_measure(model, cfg):
   return measure
 
 
+def window_name(w):
+  return "L" if w == -1 else str(w)
+
+
 def summarize(sums, windows):
   """Per-token averages from measure()'s sums (possibly accumulated over batches)."""
   n = max(float(sums["tokens"]), 1.0)
   out = {}
   for w in windows:
     nb = max(float(sums[f"bound_w{w}/tokens"]), 1.0)
-    name = "L" if w == -1 else str(w)
+    name = window_name(w)
     out[f"bound_w{name}_bpt"] = float(sums[f"bound_w{w}/bound"]) / nb / LN2
     for term in ("diffusion", "recon", "prior"):
       out[f"bound_w{name}_{term}_bpt"] = float(sums[f"bound_w{w}/{term}"]) / nb / LN2
@@ -119,8 +131,7 @@ def summarize(sums, windows):
 
 
 def check_workdir_config(cfg, workdir):
-  """Refuses a workdir that holds another config's run; records this config otherwise."""
-  os.makedirs(workdir, exist_ok=True)
+  """Refuses a workdir that holds another config's run."""
   saved = checkpoint.read_config(workdir)
   if saved is not None:
     diff = config_lib.mismatch(saved, cfg)
@@ -128,18 +139,17 @@ def check_workdir_config(cfg, workdir):
       name, was, now = diff
       raise ConfigError(f"workdir {workdir} holds a run with another config: {name} is {was!r} "
                         f"there and {now!r} here (use another --workdir)")
-  checkpoint.write_config(workdir, cfg.to_dict())
 
 
 class Trainer:
   """Everything a run needs, built from its config; `run()` trains, `evaluate()` measures."""
 
   def __init__(self, cfg, workdir):
+    check_workdir_config(cfg, workdir)
+    os.makedirs(workdir, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh)
-    if cfg.data.batch_size % sharding.data_size(self.mesh):
-      raise sharding.MeshError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                               f"the {sharding.data_size(self.mesh)} data-parallel devices")
+    sharding.check_batch_size(self.mesh, cfg.data.batch_size)
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
         cfg.data.heldout_fraction, cfg.data.text_field)
@@ -153,7 +163,8 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     init = lambda rng: init_state(self.model, self.tx, rng)
     abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
-    self.state_sharding = jax.tree.map(lambda _: repl, abstract)
+    self.state_sharding = state_shardings(self.model, self.tx, self.mesh,
+                                          sharding.logical_rules(cfg.sharding.rules))
     self.abstract_state = checkpoint.abstract_like(abstract, self.state_sharding)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_sh = sharding.batch_sharding(self.mesh)
@@ -163,6 +174,9 @@ class Trainer:
     self._measure = jax.jit(make_measure(self.model, cfg),
                             in_shardings=(self.state_sharding.params, batch_sh, repl),
                             out_shardings=repl)
+    # Recorded only now that every setting has been validated, so that a mistyped first
+    # attempt does not leave a config behind that refuses the corrected command.
+    checkpoint.write_config(workdir, cfg.to_dict())
 
   def dataset(self, split):
     d = self.cfg.data
@@ -173,7 +187,7 @@ class Trainer:
         shuffle_rows=d.shuffle_rows)
 
   def global_batch(self, local):
-    return sharding.global_batch(local, self.mesh, self.cfg.data.batch_size)
+    return sharding.global_batch(local, self.mesh)
 
   def step(self, state, local_batch):
     return self._step(state, self.global_batch(local_batch))
@@ -213,6 +227,9 @@ class Trainer:
       tokens_since += int(np.sum(batch["segment_ids"] > 0))
       state, aux = self.step(state, batch)
       done = step + 1
+      if step == start:  # the first step compiles: keep it out of the throughput
+        jax.block_until_ready(aux)
+        tick, tick_step, tokens_since = time.perf_counter(), done, 0
       if done % tcfg.log_every == 0 or done == tcfg.steps:
         aux = jax.device_get(aux)
         now = time.perf_counter()
@@ -222,13 +239,15 @@ class Trainer:
         record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
         record["split"] = "train"
         writer.write(done, record)
-        log(status_line(done, tcfg.steps, record))
+        log(status_line(done, tcfg.steps, record, tokens_since / max(done - tick_step, 1)))
         tick, tick_step, tokens_since = time.perf_counter(), done, 0
       if done % tcfg.eval_every == 0 or done == tcfg.steps:
         ev = self.evaluate(state.params, eval_batches, done)
         writer.write(done, {"split": "heldout", **ev})
-        log(f"  held-out @ {done}: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in ev.items() if not k.endswith(("_diffusion_bpt", "_recon_bpt", "_prior_bpt"))))
+        log(f"  held-out @ {done}: AR-path ppl {ev['ar_ppl']:.2f} | clean ppl "
+            f"{ev['clean_ar_ppl']:.2f} | " + " | ".join(
+                f"bound(W={window_name(w)}) {ev[f'bound_w{window_name(w)}_bpt']:.4g} bpt"
+                for w in cfg.bound.windows))
         tick = time.perf_counter()  # evaluation time is not training throughput
       if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
         ckpts.save(done, state, data_iter, cfg.to_dict())
@@ -252,17 +271,15 @@ class Trainer:
     }
 
 
-def status_line(step, total, r):
-  bound = next((v for k, v in r.items() if k.startswith("bound_w") and k.endswith("L_bpt")), None)
+def status_line(step, total, r, tokens_per_step):
   tps = r.get("tokens_per_sec")
-  return (f"step {step:>6}/{total} | loss {r['loss']:.3f} | bound(W=L) {bound:.3f} bpt | "
-          f"AR-path ppl {r['ar_ppl']:.2f} | clean ppl {r['clean_ar_ppl']:.2f} | "
-          f"t-err {r['time_abs_err']:.3f} | lr {r['lr']:.2e} | "
-          + (f"{tps:,.0f} tok/s" if tps else "-"))
+  eta = f"eta {(total - step) * tokens_per_step / tps / 60:.1f} min" if tps else ""
+  return (f"step {step:>6}/{total} | loss {r['loss']:.3f} | AR-path ppl {r['ar_ppl']:.1f} | "
+          f"clean ppl {r['clean_ar_ppl']:.1f} | t-err {r['time_abs_err']:.3f} | "
+          f"lr {r['lr']:.1e} | " + (f"{tps:,.0f} tok/s | {eta}" if tps else ""))
 
 
 def train_and_report(cfg, workdir, log=print):
-  check_workdir_config(cfg, workdir)
   trainer = Trainer(cfg, workdir)
   trainer.run(log=log)
   if jax.process_index() == 0 and cfg.train.samples > 0:

@@ -13,7 +13,6 @@ def train_records(workdir):
 
 
 def run(cfg, workdir):
-  train.check_workdir_config(cfg, str(workdir))
   trainer = train.Trainer(cfg, str(workdir))
   state = trainer.run(log=lambda *_: None)
   return trainer, state
@@ -71,3 +70,38 @@ def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
   expected, got = next(reference), next(data_iter)
   for key in expected:
     np.testing.assert_array_equal(expected[key], got[key])
+
+
+def sharded_step(cfg, batch, mesh_sizes, devices):
+  """One train step of a fresh model on a mesh: (loss, new params on the host)."""
+  from evo_jax import model as model_lib
+  from evo_jax import sharding
+  cfg.mesh.update(data=mesh_sizes[0], fsdp=mesh_sizes[1], tensor=mesh_sizes[2])
+  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+  tx = train.make_optimizer(cfg.optim, 10)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  state_sh = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=state_sh)(
+      jax.random.key(0))
+  step = jax.jit(train.make_train_step(model, tx, cfg),
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  new_state, aux = step(state, sharding.global_batch(batch, mesh))
+  return float(aux["loss"]), jax.device_get(new_state.params)
+
+
+def test_sharded_steps_equal_single_device(small_cfg):
+  """The same step on one device and on 8-device meshes (data parallel; data x fsdp x tensor):
+  the same loss and the same update, to float tolerance."""
+  assert len(jax.devices()) == 8, "conftest simulates 8 CPU devices"
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32),
+           "segment_ids": np.repeat(np.asarray([[1] * 10 + [2] * 6]), 8, 0).astype(np.int32),
+           "positions": np.repeat(np.asarray([list(range(10)) + list(range(6))]), 8, 0)
+                        .astype(np.int32)}
+  loss1, params1 = sharded_step(small_cfg, batch, (1, 1, 1), jax.devices()[:1])
+  for sizes in [(8, 1, 1), (2, 2, 2)]:
+    loss8, params8 = sharded_step(small_cfg, batch, sizes, jax.devices())
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5, err_msg=str(sizes))
+    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(sizes))
