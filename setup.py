@@ -22,6 +22,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # matplotlib draws the decoding trajectory (python -m evo_jax.sample --trajectory);
+        # the tests draw one.
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7"],
     },
 )

@@ -71,14 +71,19 @@ def parse_args(argv, description, extra=None):
     extra(parser)
   args, rest = parser.parse_known_args(argv)
   cfg = load_config_file(args.config)
-  for item in rest:
+  apply_overrides(cfg, rest)
+  return cfg, args
+
+
+def apply_overrides(cfg, items):
+  """Applies `--config.a.b=value` arguments; anything else is an error."""
+  for item in items:
     if not item.startswith("--config."):
       raise ConfigError(f"unknown argument: {item}")
     name, eq, text = item[len("--config."):].partition("=")
     if not eq:
       raise ConfigError(f"{item}: overrides are written --config.key=value")
     apply_override(cfg, name, text)
-  return cfg, args
 
 
 @contextlib.contextmanager

@@ -16,15 +16,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
-      vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
+      vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
       d_ff=384, rope_theta=10000.0, norm_eps=1e-6,
       time_cond="adaln",        # adaln | adaln_lowrank | add
-      time_rank=64, time_dim=128, fourier_dim=64,
+      time_rank=64, time_dim=64, fourier_dim=64,
       latent_norm="global",     # global | per_token
       tie_embeddings=True,
       dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
   ))
-  c.schedule = ml_collections.ConfigDict(dict(kind="linear", shift=1.0))
+  # shift 3 beat 1 on the tiny run's held-out AR-path perplexity (README, "Choices measured").
+  c.schedule = ml_collections.ConfigDict(dict(kind="linear", shift=3.0))
   c.progression = ml_collections.ConfigDict(dict(
       window_sizes=(1, 4, 16, -1),       # -1: the whole sequence (diffusion)
       window_probs=(0.4, 0.2, 0.2, 0.2),
@@ -34,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
       t_base="uniform",                  # uniform | logit_normal
       logit_normal_mean=0.0, logit_normal_std=1.0,
       stratified=True,
-      p_t_one=0.1,                       # mass at t = 1, the state decoding starts from
+      p_t_one=0.3,                       # mass at t = 1, the state decoding starts from
   ))
   c.loss = ml_collections.ConfigDict(dict(
       weighting="ce",        # ce | elbo
@@ -43,7 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
       flow_weight=0.0,
   ))
   c.bound = ml_collections.ConfigDict(dict(
-      log_snr_min=-12.0, log_snr_max=10.0,
+      log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: README, "The bound"
       windows=(1, -1),       # W values whose shared-pattern bound is logged
   ))
   c.data = ml_collections.ConfigDict(dict(
@@ -56,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
       shuffle_rows=1024,     # packed training rows are shuffled in windows of this many
   ))
   c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1,
+      lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
       decay_steps=0,         # length of the cosine decay; 0: train.steps
       b1=0.9, b2=0.95, clip_norm=1.0,
   ))
@@ -68,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
       mlp="tensor", time=None,
   ))))
   c.train = ml_collections.ConfigDict(dict(
-      steps=1000, log_every=50, eval_every=500, ckpt_every=500, keep_checkpoints=2,
+      steps=400, log_every=25, eval_every=100, ckpt_every=200, keep_checkpoints=2,
       eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",
   ))
   return c

@@ -1,12 +1,10 @@
-"""Loading a trained run for inference, and the simplest decoder: the AR path.
+"""Loading a trained run for inference, the no-cache AR path, and the end-of-training report.
 
-AR decoding (method.md section 5, policy `ar`): the committed prefix is clean, the next token
-is one latent at t = 1 (pure noise: a(1) = 0 for every schedule) in a window of its own, and it
-jumps to t = 0 in a single step by sampling from the latent's logits. This module recomputes
-the prefix at every step; the sampler with the KV cache and the other policies builds on it.
+`ar_path_logits` is the AR path of method.md section 5 written as plainly as possible: the clean
+prefix recomputed from scratch, plus one latent at t = 1 (pure noise: a(1) = 0 for every
+schedule) in a window of its own. The decoders (every policy, with a KV cache) are in
+evo_jax/sampler.py; this function stays as the reference they are tested against.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +14,8 @@ from evo_jax import checkpoint
 from evo_jax import data
 from evo_jax import metrics
 from evo_jax import model as model_lib
+from evo_jax import sampler
+from evo_jax import schedule
 from evo_jax import train
 from evo_jax.checkpoint import CheckpointError
 
@@ -67,44 +67,6 @@ def ar_path_logits(model, params, tokens_BxT, n_B, eps_BxD):
   return logits[:, T]
 
 
-def sample_token(rng, logits_BxV, temperature):
-  if temperature <= 0:
-    return jnp.argmax(logits_BxV, axis=-1)
-  return jax.random.categorical(rng, logits_BxV / temperature, axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "temperature"))
-def generate_ar(model, params, tokens_BxT, prompt_len_B, rng, temperature=1.0):
-  """Fills tokens[:, prompt_len:] one token at a time along the AR path."""
-  B, T = tokens_BxT.shape
-
-  def body(n, carry):
-    tokens, rng = carry
-    rng, k_eps, k_tok = jax.random.split(rng, 3)
-    eps = jax.random.normal(k_eps, (B, model.cfg.d_model))
-    n_B = jnp.full((B,), n)
-    new = sample_token(k_tok, ar_path_logits(model, params, tokens, n_B, eps), temperature)
-    write = n >= prompt_len_B
-    tokens = tokens.at[:, n].set(jnp.where(write, new, tokens[:, n]))
-    return tokens, rng
-
-  tokens, _ = jax.lax.fori_loop(jnp.min(prompt_len_B), T, body, (tokens_BxT, rng))
-  return tokens
-
-
-def complete(model, params, tokenizer, prompt, max_new_tokens, seed=0, temperature=1.0):
-  """Text continuing `prompt`, stopped at EOS."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  buf = np.zeros((1, len(ids) + max_new_tokens), np.int32)
-  buf[0, :len(ids)] = ids
-  out = generate_ar(model, params, jnp.asarray(buf), jnp.asarray([len(ids)]),
-                    jax.random.key(seed), temperature=temperature)
-  new = [int(x) for x in np.asarray(out)[0, len(ids):]]
-  if tokenizer.eos_id in new:
-    new = new[:new.index(tokenizer.eos_id)]
-  return tokenizer.decode(new)
-
-
 def headline(workdir):
   """The run's headline numbers from its metrics.jsonl: median training throughput and the
   latest held-out measurements."""
@@ -126,6 +88,10 @@ def print_report(workdir, n_samples, max_new_tokens, prompt, log=print):
   for key, value in headline(workdir).items():
     if value is not None:
       log(f"{key:>34}: {value:,.3f}")
-  for i in range(n_samples):
-    text = complete(model, params, tokenizer, prompt, max_new_tokens, seed=i, temperature=0.8)
-    log(f"-- sample {i + 1} (AR path, temperature 0.8) --\n{prompt}{text}")
+  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  samples = sampler.generate(
+      model, params, schedule.from_config(cfg.schedule), [ids] * n_samples,
+      sampler.POLICIES["ar"], max_new_tokens=max_new_tokens, context=cfg.data.seq_len,
+      eos_id=tokenizer.eos_id, temperature=0.8)
+  for i, s in enumerate(samples):
+    log(f"-- sample {i + 1} (policy ar, temperature 0.8) --\n{prompt}{tokenizer.decode(s.tokens)}")

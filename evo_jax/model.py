@@ -5,7 +5,9 @@ embedding E[x]) or a latent z at time t (read as rms(E) * z), conditions every b
 per-token time t through a zero-initialised adaLN modulation, and returns token logits (tied
 head) and the time head's estimate t_hat. Which positions see which is entirely the caller's
 mask (see attention.py), so the same module serves training (clean + latent streams), the AR
-path and every decoding policy.
+path and every decoding policy. For decoding, `forward_with_cache` also attends to cached keys
+and values of earlier positions and returns those of its inputs (evo_jax/sampler.py keeps the
+cache); it shares every parameter with `__call__`, which is it without a cache.
 
 Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, time) so
 that sharding rules can place them on a mesh.

@@ -13,6 +13,7 @@ def draw(cfg, B=256, L=32, step=0, seed=0):
 
 
 def test_windows_include_ar_and_diffusion(small_cfg):
+  small_cfg.progression.p_t_one = 0.1
   t, W, o = draw(small_cfg)
   assert set(W.tolist()) == {1, 4, 16, 32}
   assert np.all((0 <= o) & (o < W))

@@ -1,0 +1,106 @@
+"""The decoding tools on a (very briefly) trained run: `python -m evo_jax.sample` and
+`python -m evo_jax.bench decode`. Bad input is one line on stderr and exit status 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from evo_jax import bench
+from evo_jax import sample
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, stdlib_tokenizer):
+  """A 4-step run of a small model with a 32-token context."""
+  from evo_jax import config, train
+  cfg = config.default_config()
+  cfg.model.update(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   time_dim=32, fourier_dim=16)
+  cfg.data.update(tokenizer=stdlib_tokenizer, seq_len=32, batch_size=8)
+  cfg.optim.update(warmup_steps=2, lr=3e-3)
+  cfg.train.update(steps=4, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1, samples=0)
+  cfg.bound.windows = (1,)
+  path = str(tmp_path_factory.mktemp("run"))
+  train.check_workdir_config(cfg, path)
+  train.Trainer(cfg, path).run(log=lambda *_: None)
+  return path
+
+
+def one_line_error(capsys, fn, *fragments):
+  with pytest.raises(SystemExit) as e:
+    fn()
+  assert e.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+def test_bad_input_before_loading_the_run(tmp_path, capsys):
+  (tmp_path / "nockpt").mkdir()
+  (tmp_path / "nockpt" / "config.json").write_text("{}")
+  cases = [
+      (["--workdir", str(tmp_path), "--policy", "beam", "--prompt", "x"], "unknown policy 'beam'"),
+      (["--workdir", str(tmp_path), "--prompt", ""], "empty prompt"),
+      (["--workdir", str(tmp_path)], "no prompt"),
+      (["--workdir", str(tmp_path), "--prompt", "x", "--policy.windw=2"], "unknown policy setting"),
+      (["--workdir", str(tmp_path), "--prompt", "x", "--max_new_tokens", "many"], "many"),
+      (["--workdir", str(tmp_path / "nowhere"), "--prompt", "x"], "no run in", "nowhere"),
+      (["--workdir", str(tmp_path / "nockpt"), "--prompt", "x"], "no checkpoint in"),
+  ]
+  for argv, *fragments in cases:
+    one_line_error(capsys, lambda: sample.main(argv), *fragments)
+
+
+def test_module_entry_point_exits_2():
+  result = subprocess.run([sys.executable, "-m", "evo_jax.sample", "--workdir", "w", "--policy",
+                           "beam", "--prompt", "x"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: unknown policy 'beam' (expected one of ar, diffusion, block, evo)"]
+
+
+def test_prompt_longer_than_the_context(workdir, tmp_path, capsys):
+  one_line_error(capsys, lambda: sample.main(
+      ["--workdir", workdir, "--prompt", "def f(x):\n    return x\n" * 8]),
+      "prompt 1 has", "context is 32")
+  (tmp_path / "p.jsonl").write_text('"def f():"\n""\n')
+  one_line_error(capsys, lambda: sample.main(
+      ["--workdir", workdir, "--prompts_file", str(tmp_path / "p.jsonl")]), "line 2: empty prompt")
+
+
+def test_json_output_and_trajectory_png(workdir, tmp_path, capsys):
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps("def main():\n    ") + "\n" + json.dumps({"prompt": "import"}))
+  sample.main(["--workdir", workdir, "--policy", "evo", "--prompts_file", str(prompts),
+               "--max_new_tokens", "6", "--json", "--trajectory", str(tmp_path / "t.png"),
+               "--policy.window=4", "--temperature", "0.7", "--top_p", "0.9", "--seed", "3"])
+  records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [r["prompt"] for r in records] == ["def main():\n    ", "import"]
+  for r in records:
+    assert r["policy"] == "evo" and r["settings"]["window"] == 4
+    assert 1 <= len(r["tokens"]) <= 6 and r["nfe"] >= 1 and isinstance(r["text"], str)
+    assert r["tokens_per_forward"] == pytest.approx(len(r["tokens"]) / r["nfe"])
+    assert r["tokens_per_sec"] > 0 and r["stop_reason"] in ("eos", "length")
+  assert (tmp_path / "t-1.png").exists() and (tmp_path / "t-2.png").exists()
+
+
+def test_bench_decode_table(workdir, tmp_path, capsys):
+  rows = bench.main(["decode", "--workdir", workdir, "--policies", "ar,evo", "--n_prompts", "3",
+                     "--prompt_len", "8", "--max_new_tokens", "8", "--batch_size", "3", "--repeats", "1",
+                     "--evo.window=4", "--json", str(tmp_path / "bench.json")])
+  out = capsys.readouterr().out
+  assert "| policy" in out and "| ar " in out and "| evo " in out and "held-out text" in out
+  by_name = {r["policy"]: r for r in rows}
+  assert by_name["ar"]["tokens_per_forward"] == 1.0
+  assert by_name["evo"]["tokens_per_forward"] >= 1.0        # the leftmost is forced each pass
+  for r in rows:
+    assert r["nll"] > 0 and r["entropy"] >= 0
+  assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["policy"] == "ar"
+  one_line_error(capsys, lambda: bench.main(["decode", "--workdir", workdir, "--nope=1"]),
+                 "unknown argument: --nope=1")
+  one_line_error(capsys, lambda: bench.main(["decode", "--workdir", workdir, "--prompt_len",
+                                             "30"]), "exceeds the model's context 32")
