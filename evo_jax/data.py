@@ -395,15 +395,22 @@ def make_dataset(corpus: str, split: str, tokenizer: Tokenizer, seq_len: int, ba
 
 
 def make_eval_batches(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                      num_batches: int, heldout_fraction: float,
-                      text_field: str = "text") -> list[dict[str, np.ndarray]]:
-  """The first `num_batches` batches [batch_size, seq_len] of the heldout split, in corpus
-  order: the same fixed evaluation set every time (fewer batches if the split runs out)."""
+                      num_batches: int, heldout_fraction: float, text_field: str = "text",
+                      process_index: int = 0,
+                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first `num_batches` batches of this process's shard of the heldout split, in corpus
+  order: the same fixed evaluation set every time. With several processes, a shard that runs
+  out early is filled up with all-padding batches, so that every process runs the same number
+  of (collective) evaluation steps; one process simply gets fewer batches."""
   ds = make_dataset(corpus, "heldout", tokenizer, seq_len, batch_size, seed=0,
-                    heldout_fraction=heldout_fraction, text_field=text_field, num_epochs=1)
+                    heldout_fraction=heldout_fraction, text_field=text_field,
+                    process_index=process_index, process_count=process_count, num_epochs=1)
   batches = list(itertools.islice(ds, num_batches))
   if not batches:
     raise DataError(f"no heldout batches in corpus {corpus or 'python stdlib'} "
                     f"(heldout_fraction={heldout_fraction}, num_batches={num_batches})")
+  if process_count > 1:
+    empty = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    batches += [empty] * (num_batches - len(batches))
   return batches
 

@@ -26,6 +26,13 @@ from evo_jax import attention
 TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Rematerialisation: `none` keeps every activation; `full` keeps only each block's input and
+# recomputes the rest in the backward pass; `dots` keeps the matmul outputs (no batch dims).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +53,15 @@ class ModelConfig:
   latent_norm: str = "global"
   tie_embeddings: bool = True
   dtype: str = "float32"     # compute dtype; parameters are always float32
+  remat: str = "none"        # what a block keeps for the backward pass: see REMAT_POLICIES
 
   def __post_init__(self):
     if self.time_cond not in TIME_CONDS:
       raise ConfigError(f"model.time_cond must be one of {TIME_CONDS}, got {self.time_cond!r}")
     if self.latent_norm not in LATENT_NORMS:
       raise ConfigError(f"model.latent_norm must be one of {LATENT_NORMS}, got {self.latent_norm!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:
@@ -221,7 +231,10 @@ class EvoTransformer(nn.Module):
     if cfg.time_cond == "add":
       self.time_in = nn.Dense(cfg.d_model, kernel_init=_init(zeros, "time", "embed"),
                               bias_init=_init(zeros, "embed"))
-    self.blocks = [Block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
+    self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps)
     if cfg.time_cond != "add":
       self.final_modulation = Modulation(cfg, 2)

@@ -212,7 +212,8 @@ class Trainer:
     data_iter = iter(self.dataset("train"))
     eval_batches = data.make_eval_batches(
         cfg.data.corpus, self.tokenizer, cfg.data.seq_len, cfg.data.batch_size,
-        tcfg.eval_batches, cfg.data.heldout_fraction, cfg.data.text_field)
+        tcfg.eval_batches, cfg.data.heldout_fraction, cfg.data.text_field,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
     start = ckpts.latest_step()
     if start is None:

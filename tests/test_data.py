@@ -291,6 +291,17 @@ def test_eval_batches(corpus, tokenizer):
                 all_batches)
   with pytest.raises(data.DataError, match="no heldout documents"):
     data.make_eval_batches(corpus[0], tokenizer, SEQ_LEN, 2, 3, 0.0)
+  # Two processes: each evaluates its own shard (one row of each global batch of 2), and both
+  # get the same number of batches, the shorter shard filled up with padding.
+  n = 2 * len(all_batches) + 2
+  shards = [data.make_eval_batches(corpus[0], tokenizer, SEQ_LEN, 2, n, 0.2, process_index=p,
+                                   process_count=2) for p in range(2)]
+  assert [len(b) for b in shards] == [n, n]
+  assert all(b["tokens"].shape == (1, SEQ_LEN) for shard in shards for b in shard)
+  real = lambda shard: sum(int((b["segment_ids"] > 0).sum()) for b in shard)
+  assert real(shards[0]) + real(shards[1]) == sum(int((b["segment_ids"] > 0).sum())
+                                                  for b in all_batches)
+  assert int(shards[0][-1]["segment_ids"].sum()) == int(shards[1][-1]["segment_ids"].sum()) == 0
 
 
 # ----------------------------------------------------------------------------- checkpointing

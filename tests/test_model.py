@@ -96,3 +96,20 @@ def test_tied_head_and_latent_scale(small_cfg):
   np.testing.assert_allclose(np.asarray(clean), np.asarray(as_latent), rtol=1e-5, atol=1e-5)
   assert E.shape == (small_cfg.model.vocab_size, small_cfg.model.d_model)
   assert "head" not in params["params"]  # tied by default
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialisation_keeps_the_gradients(small_cfg, remat):
+  """Remat trades memory for recomputation; the parameters and gradients stay the same."""
+  from evo_jax import loss as loss_lib
+  batch = single_doc_batch(small_cfg, B=2, L=8)
+  grads = []
+  for policy in ("none", remat):
+    small_cfg.model.remat = policy
+    model, params = make(small_cfg)
+    loss_fn = loss_lib.make_train_loss(model, small_cfg)
+    g = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(1), 0)[0]))(params)
+    grads.append(g)
+  assert jax.tree.structure(grads[0]) == jax.tree.structure(grads[1])
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
