@@ -75,15 +75,20 @@ def parse_args(argv, description, extra=None):
   return cfg, args
 
 
+def split_setting(item, prefix):
+  """`--prefix.key=value` -> (key, value text); anything else is a one-line error."""
+  if not item.startswith(prefix):
+    raise ConfigError(f"unknown argument: {item}")
+  key, eq, text = item[len(prefix):].partition("=")
+  if not eq:
+    raise ConfigError(f"{item}: settings are written {prefix}key=value")
+  return key, text
+
+
 def apply_overrides(cfg, items):
   """Applies `--config.a.b=value` arguments; anything else is an error."""
   for item in items:
-    if not item.startswith("--config."):
-      raise ConfigError(f"unknown argument: {item}")
-    name, eq, text = item[len("--config."):].partition("=")
-    if not eq:
-      raise ConfigError(f"{item}: overrides are written --config.key=value")
-    apply_override(cfg, name, text)
+    apply_override(cfg, *split_setting(item, "--config."))
 
 
 @contextlib.contextmanager

@@ -34,11 +34,7 @@ def parse_policy(name, overrides):
   types = {f.name: f.type for f in dataclasses.fields(sampler.Policy)}
   settings = {}
   for item in overrides:
-    if not item.startswith("--policy."):
-      raise UserError(f"unknown argument: {item}")
-    key, eq, text = item[len("--policy."):].partition("=")
-    if not eq:
-      raise UserError(f"{item}: policy settings are written --policy.key=value")
+    key, text = cli.split_setting(item, "--policy.")
     kind = types.get(key)
     try:
       if kind in (bool, "bool"):
