@@ -90,11 +90,13 @@ def flatten(cfg, prefix=""):
 
 def mismatch(saved: dict, current: ml_collections.ConfigDict):
   """The first field (not in RESUMABLE_FIELDS) whose value differs, as (name, saved, current),
-  or None."""
+  or None. A field the saved config lacks (added to the code since) counts as its default."""
+  defaults = flatten(default_config().to_dict())
   a, b = flatten(saved), flatten(current.to_dict())
   for name in sorted(set(a) | set(b)):
     if name in RESUMABLE_FIELDS:
       continue
-    if a.get(name, "<absent>") != b.get(name, "<absent>"):
-      return name, a.get(name, "<absent>"), b.get(name, "<absent>")
+    was, now = a.get(name, defaults.get(name, "<absent>")), b.get(name, "<absent>")
+    if was != now:
+      return name, was, now
   return None

@@ -222,6 +222,10 @@ class Trainer:
       state = ckpts.restore(start, self.abstract_state, data_iter)
       log(f"resumed from {ckpts.directory}/{start}")
 
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log(f"{workdir}: {n_params:,} parameters, mesh {dict(self.mesh.shape)}, "
+        f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens per step, steps {start} -> "
+        f"{tcfg.steps} (the first step compiles)")
     tick, tick_step, tokens_since = time.perf_counter(), start, 0
     for step in range(start, tcfg.steps):
       batch = next(data_iter)
