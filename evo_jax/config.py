@@ -72,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=400, log_every=25, eval_every=100, ckpt_every=200, keep_checkpoints=2,
       eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",
+      grad_accum_steps=1,    # micro-batches per step (gradients summed; same update)
   ))
   return c
 

@@ -80,8 +80,40 @@ def _masked_sum(x, mask):
   return jnp.sum(jnp.where(mask, x, 0.0))
 
 
+def sample_draws(rng, cfg, batch, step):
+  """Everything random in a training step, drawn for the whole batch at once: per-token times,
+  per-sequence window and offset, and the noise. Drawing them before any split into
+  micro-batches keeps gradient accumulation equal to one big step (and the stratification of
+  t across the whole batch)."""
+  B, L = batch["tokens"].shape
+  k_prog, k_eps = jax.random.split(rng)
+  t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
+  eps_BxLxD = jax.random.normal(k_eps, (B, L, cfg.model.d_model))
+  return {"t": t_BxL, "window": window_B, "offset": offset_B, "eps": eps_BxLxD}
+
+
+def token_counts(batch):
+  """The denominators of the loss: tokens with a latent loss, tokens with a clean next-token
+  loss. Passed in, so that micro-batch losses add up to the loss of their whole batch."""
+  seg = batch["segment_ids"]
+  mask = loss_mask(batch)
+  clean = (seg[:, 1:] == seg[:, :-1]) & mask[:, 1:]
+  return {"latent": jnp.maximum(mask.sum(), 1), "clean": jnp.maximum(clean.sum(), 1)}
+
+
 def make_train_loss(model, cfg):
   """loss(params, batch, rng, step) -> (scalar loss, aux dict of sums and counts)."""
+  loss_on_draws = make_loss_on_draws(model, cfg)
+
+  def loss_fn(params, batch, rng, step):
+    return loss_on_draws(params, batch, sample_draws(rng, cfg, batch, step), token_counts(batch))
+
+  return loss_fn
+
+
+def make_loss_on_draws(model, cfg):
+  """loss(params, batch, draws, counts) -> (scalar loss, aux): the surrogate for given random
+  draws (`sample_draws`), normalised by the given token counts (`token_counts`)."""
   sched = schedule_lib.from_config(cfg.schedule)
   lcfg = cfg.loss
   if lcfg.weighting not in WEIGHTINGS:
@@ -90,20 +122,17 @@ def make_train_loss(model, cfg):
   t_lo = float(sched.t_from_log_snr(cfg.bound.log_snr_max))
   t_hi = float(sched.t_from_log_snr(cfg.bound.log_snr_min))
 
-  def loss_fn(params, batch, rng, step):
+  def loss_fn(params, batch, draws, counts):
     tokens = batch["tokens"]
-    B, L = tokens.shape
-    k_prog, k_eps = jax.random.split(rng)
-    t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
+    t_BxL, window_B, offset_B = draws["t"], draws["window"], draws["offset"]
     e_VxD = latent_table(model, params)
     e_BxLxD = e_VxD[tokens]
-    eps = jax.random.normal(k_eps, e_BxLxD.shape)
-    z_BxLxD = sched.noise(e_BxLxD, t_BxL, eps)
+    z_BxLxD = sched.noise(e_BxLxD, t_BxL, draws["eps"])
     logits_c, logits_z, t_hat = two_stream_forward(
         model, params, batch, z_BxLxD, t_BxL, window_B, offset_B)
 
     mask = loss_mask(batch)
-    n_tok = jnp.maximum(mask.sum(), 1)
+    n_tok = counts["latent"]
     ce_BxL = token_xent(logits_z, tokens)
     needs_mse = lcfg.weighting == "elbo" or lcfg.flow_weight > 0
     if needs_mse:
@@ -125,8 +154,7 @@ def make_train_loss(model, cfg):
     time_err_BxL = jnp.square(t_hat - t_BxL)
     loss = loss + lcfg.time_weight * _masked_sum(time_err_BxL, mask) / n_tok
     clean_nll, clean_mask = clean_next_token(logits_c, batch)
-    n_clean = jnp.maximum(clean_mask.sum(), 1)
-    clean_loss = _masked_sum(clean_nll, clean_mask) / n_clean
+    clean_loss = _masked_sum(clean_nll, clean_mask) / counts["clean"]
     if lcfg.clean_ar_weight > 0:
       loss = loss + lcfg.clean_ar_weight * clean_loss
 

@@ -77,13 +77,36 @@ def state_shardings(model, tx, mesh, rules):
 
 
 def make_train_step(model, tx, cfg):
-  loss_fn = loss_lib.make_train_loss(model, cfg)
+  """step(state, batch) -> (state, aux). With train.grad_accum_steps = A > 1 the batch is cut
+  into A micro-batches whose gradients are summed in a scan (activation memory of one
+  micro-batch); the random draws and the token counts are those of the whole batch, so the
+  update equals the one big step up to float rounding."""
+  loss_on_draws = loss_lib.make_loss_on_draws(model, cfg)
+  grad_fn = jax.value_and_grad(loss_on_draws, has_aux=True)
   base_key = jax.random.key(cfg.seed)
+  A = cfg.train.grad_accum_steps
+
+  def gradients(params, batch, draws, counts):
+    if A == 1:
+      (_, aux), grads = grad_fn(params, batch, draws, counts)
+      return grads, aux
+    split = lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:])
+    micro = jax.tree.map(split, (batch, draws))
+
+    def accumulate(total, batch_and_draws):
+      (_, aux), grads = grad_fn(params, *batch_and_draws, counts)
+      return jax.tree.map(jnp.add, total, (grads, aux)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, aux_shape), grads_shape = jax.eval_shape(lambda: grad_fn(params, *first, counts))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, aux_shape))
+    (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
+    return grads, aux
 
   def train_step(state, batch):
     rng = jax.random.fold_in(base_key, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, aux), grads = grad_fn(state.params, batch, rng, state.step)
+    draws = loss_lib.sample_draws(rng, cfg, batch, state.step)
+    grads, aux = gradients(state.params, batch, draws, loss_lib.token_counts(batch))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.tree.norm(grads)
@@ -150,6 +173,10 @@ class Trainer:
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch_size(self.mesh, cfg.data.batch_size)
+    if cfg.data.batch_size % (cfg.train.grad_accum_steps * sharding.data_size(self.mesh)):
+      raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
+                        f"train.grad_accum_steps={cfg.train.grad_accum_steps} x the "
+                        f"{sharding.data_size(self.mesh)} data-parallel devices")
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
         cfg.data.heldout_fraction, cfg.data.text_field)
