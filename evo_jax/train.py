@@ -90,7 +90,8 @@ def make_train_step(model, tx, cfg):
     if A == 1:
       (_, aux), grads = grad_fn(params, batch, draws, counts)
       return grads, aux
-    split = lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:])
+    # Strided (rows a, a + A, ...), so each micro-batch spans every data-parallel device.
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // A, A, *x.shape[1:]), 0, 1)
     micro = jax.tree.map(split, (batch, draws))
 
     def accumulate(total, batch_and_draws):
