@@ -124,7 +124,6 @@ def settings_text(policy, max_new_tokens):
 
 
 def run_decode(args, rest):
-  import jax
   from evo_jax import decode, sampler, schedule
   from evo_jax.sample import parse_policy
   names = [n.strip() for n in args.policies.split(",") if n.strip()]

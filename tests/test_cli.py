@@ -1,6 +1,5 @@
 """Bad input to `python -m evo_jax.train`: one line on stderr naming the problem, exit status 2,
 and nothing already written is lost."""
-import json
 import subprocess
 import sys
 
