@@ -286,7 +286,6 @@ class EvoTransformer(nn.Module):
     c_BxTxC = self.time_embed(t_BxT)
     if cfg.time_cond == "add":
       x = x + self.time_in(nn.silu(c_BxTxC)).astype(cfg.compute_dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
       cache = None

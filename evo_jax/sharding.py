@@ -56,10 +56,12 @@ def data_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_size(mesh: Mesh, global_batch_size: int):
-  if global_batch_size % data_size(mesh):
-    raise MeshError(f"data.batch_size={global_batch_size} is not divisible by the "
-                    f"{data_size(mesh)} data-parallel devices (mesh.data x mesh.fsdp)")
+def check_batch_size(mesh: Mesh, global_batch_size: int, micro_batches: int = 1):
+  """Every micro-batch must split evenly over the data-parallel devices."""
+  if global_batch_size % (micro_batches * data_size(mesh)):
+    raise MeshError(f"data.batch_size={global_batch_size} is not divisible by "
+                    f"train.grad_accum_steps={micro_batches} x the {data_size(mesh)} "
+                    f"data-parallel devices (mesh.data x mesh.fsdp)")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

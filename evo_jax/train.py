@@ -173,11 +173,7 @@ class Trainer:
     os.makedirs(workdir, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch_size(self.mesh, cfg.data.batch_size)
-    if cfg.data.batch_size % (cfg.train.grad_accum_steps * sharding.data_size(self.mesh)):
-      raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by "
-                        f"train.grad_accum_steps={cfg.train.grad_accum_steps} x the "
-                        f"{sharding.data_size(self.mesh)} data-parallel devices")
+    sharding.check_batch_size(self.mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
         cfg.data.heldout_fraction, cfg.data.text_field)
