@@ -4,6 +4,8 @@ The training sequence is laid out twice in one attention call of length 2L: the 
 (positions 0..L-1) followed by the latent stream Z (positions L..2L-1). A boolean mask
 [B, 2L, 2L] says who may attend to whom; `True` means "may attend".
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -20,25 +22,52 @@ def same_document(segment_ids_BxL):
   return (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
 
 
-def two_stream_mask(segment_ids_BxL, window_size_B, offset_B):
-  """The [B, 2L, 2L] mask of the clean/latent layout.
+class MaskSpec(NamedTuple):
+  """Per-position facts from which the two-stream mask follows, a block of queries at a time.
 
-  C_i sees C_j iff j <= i; Z_i sees C_j iff w(j) < w(i); Z_i sees Z_j iff w(j) == w(i);
-  C never sees Z; nothing crosses a document boundary. Every token also sees itself, so that
-  padding rows (which see nothing else) never produce an all-masked softmax.
+  Passing these instead of the [B, 2L, 2L] array lets `chunked_attention` build only the
+  rows it needs: at L = 4096 the full mask alone is 67 MB per example, and its score matrix
+  8.6 GB per layer at 32 heads.
   """
-  _, L = segment_ids_BxL.shape
-  doc_BxLxL = same_document(segment_ids_BxL)
-  i_L = jnp.arange(L)
-  causal_LxL = i_L[:, None] >= i_L[None, :]
-  w_BxL = window_ids(window_size_B, offset_B, L)
-  cc = causal_LxL[None] & doc_BxLxL
-  cz = jnp.zeros_like(cc)
-  zc = (w_BxL[:, None, :] < w_BxL[:, :, None]) & doc_BxLxL
-  zz = (w_BxL[:, None, :] == w_BxL[:, :, None]) & doc_BxLxL
-  mask = jnp.concatenate(
-      [jnp.concatenate([cc, cz], axis=2), jnp.concatenate([zc, zz], axis=2)], axis=1)
-  return mask | jnp.eye(2 * L, dtype=bool)[None]
+  segment_BxT: jax.Array   # packed document id, 0 for padding
+  latent_BxT: jax.Array    # True in the latent stream
+  order_BxT: jax.Array     # position within its stream
+  window_BxT: jax.Array    # window id w(i) (used by latent queries only)
+
+  def rows(self, start, size):
+    return MaskSpec(*(jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in self))
+
+
+def two_stream_spec(segment_ids_BxL, window_size_B, offset_B):
+  """The MaskSpec of the [clean stream | latent stream] layout, length 2L."""
+  B, L = segment_ids_BxL.shape
+  both = lambda a: jnp.concatenate([a, a], axis=1)
+  i_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+  return MaskSpec(both(segment_ids_BxL),
+                  jnp.broadcast_to(jnp.arange(2 * L) >= L, (B, 2 * L)),
+                  both(i_BxL),
+                  both(window_ids(window_size_B, offset_B, L)))
+
+
+def spec_mask(q: MaskSpec, k: MaskSpec):
+  """[B, Tq, Tk]: C_i sees C_j iff j <= i; Z_i sees C_j iff w(j) < w(i); Z_i sees Z_j iff
+  w(j) == w(i); C never sees Z; nothing crosses a document boundary. Every token also sees
+  itself, so that padding rows (which see nothing else) never produce an all-masked softmax."""
+  col = lambda a: a[:, :, None]
+  row = lambda a: a[:, None, :]
+  doc = (col(q.segment_BxT) == row(k.segment_BxT)) & (col(q.segment_BxT) > 0)
+  q_lat, k_lat = col(q.latent_BxT), row(k.latent_BxT)
+  cc = ~q_lat & ~k_lat & (row(k.order_BxT) <= col(q.order_BxT))
+  zc = q_lat & ~k_lat & (row(k.window_BxT) < col(q.window_BxT))
+  zz = q_lat & k_lat & (row(k.window_BxT) == col(q.window_BxT))
+  itself = (q_lat == k_lat) & (col(q.order_BxT) == row(k.order_BxT))
+  return ((cc | zc | zz) & doc) | itself
+
+
+def two_stream_mask(segment_ids_BxL, window_size_B, offset_B):
+  """The [B, 2L, 2L] mask of the clean/latent layout (see `spec_mask`)."""
+  spec = two_stream_spec(segment_ids_BxL, window_size_B, offset_B)
+  return spec_mask(spec, spec)
 
 
 def causal_mask(segment_ids_BxL):
@@ -64,3 +93,21 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
   probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
   return out.reshape(B, T, N, H)
+
+
+def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec: MaskSpec, chunk):
+  """`dot_product_attention` under `spec_mask(spec, spec)`, one block of `chunk` queries at a
+  time: each block builds its own mask rows and scores [B, N, chunk, T], and is recomputed in
+  the backward pass, so neither the mask nor the full score matrix ever exists. Exact: every
+  query row still takes its softmax over all keys."""
+  B, T, N, H = q_BxTxNxH.shape
+  if T % chunk:
+    raise ValueError(f"attention length {T} is not a multiple of model.attention_chunk={chunk}")
+
+  @jax.checkpoint
+  def block(start):
+    q = jax.lax.dynamic_slice_in_dim(q_BxTxNxH, start, chunk, axis=1)
+    return dot_product_attention(q, k_BxTxKxH, v_BxTxKxH, spec_mask(spec.rows(start, chunk), spec))
+
+  out_CxBxQxNxH = jax.lax.map(block, jnp.arange(0, T, chunk))
+  return jnp.moveaxis(out_CxBxQxNxH, 0, 1).reshape(B, T, N, H)

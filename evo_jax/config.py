@@ -24,6 +24,9 @@ def default_config() -> ml_collections.ConfigDict:
       tie_embeddings=True,
       dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
       remat="none",             # none | full | dots: activation memory vs recomputation
+      scan_layers=False,        # scan one block over stacked layer params: one compile
+      attention="dense",        # dense | chunked: queries in blocks, no [B, 2L, 2L] mask
+      attention_chunk=512,      # queries per block (chunked); must divide 2 x data.seq_len
   ))
   # shift 3 beat 1 on the tiny run's held-out AR-path perplexity (README, "Choices measured").
   c.schedule = ml_collections.ConfigDict(dict(kind="linear", shift=3.0))
@@ -63,11 +66,12 @@ def default_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, clip_norm=1.0,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the rest
-  # Logical axis names of the parameters (model.py) -> mesh axes. The defaults shard nothing
-  # unless mesh.fsdp or mesh.tensor is > 1.
+  # Logical axis names of the parameters and main activations (model.py) -> mesh axes. The
+  # defaults shard nothing but the batch unless mesh.fsdp or mesh.tensor is > 1.
   c.sharding = ml_collections.ConfigDict(dict(rules=ml_collections.ConfigDict(dict(
       vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor", head_dim=None,
-      mlp="tensor", time=None,
+      mlp="tensor", time=None, layers=None,
+      batch=("data", "fsdp"), length=None,   # activations
   ))))
   c.train = ml_collections.ConfigDict(dict(
       steps=400, log_every=25, eval_every=100, ckpt_every=200, keep_checkpoints=2,

@@ -19,6 +19,7 @@ from evo_jax import progression
 from evo_jax import schedule as schedule_lib
 from evo_jax.errors import ConfigError
 from evo_jax.model import EvoTransformer
+from evo_jax.sharding import constrain
 
 T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8)   # lower edges; t == 1 falls in the last bucket
 WEIGHTINGS = ("ce", "elbo")
@@ -31,7 +32,7 @@ def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B)
   """
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
   B, L = tokens.shape
-  mask = attention.two_stream_mask(seg, window_B, offset_B)
+  mask = attention.two_stream_spec(seg, window_B, offset_B)
   both = lambda a, b: jnp.concatenate([a, b], axis=1)
   logits, t_hat = model.apply(
       params,
@@ -89,7 +90,11 @@ def sample_draws(rng, cfg, batch, step):
   k_prog, k_eps = jax.random.split(rng)
   t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
   eps_BxLxD = jax.random.normal(k_eps, (B, L, cfg.model.d_model))
-  return {"t": t_BxL, "window": window_B, "offset": offset_B, "eps": eps_BxLxD}
+  # Sharded like the tokens, so no device holds (or draws) another's rows.
+  return {"t": constrain(t_BxL, ("batch", "length")),
+          "window": constrain(window_B, ("batch",)),
+          "offset": constrain(offset_B, ("batch",)),
+          "eps": constrain(eps_BxLxD, ("batch", "length", "embed"))}
 
 
 def token_counts(batch):

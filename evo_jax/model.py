@@ -22,9 +22,11 @@ import jax.numpy as jnp
 from evo_jax.errors import ConfigError
 
 from evo_jax import attention
+from evo_jax.sharding import constrain
 
 TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
+ATTENTIONS = ("dense", "chunked")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rematerialisation: `none` keeps every activation; `full` keeps only each block's input and
 # recomputes the rest in the backward pass; `dots` keeps the matmul outputs (no batch dims).
@@ -54,6 +56,9 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"     # compute dtype; parameters are always float32
   remat: str = "none"        # what a block keeps for the backward pass: see REMAT_POLICIES
+  scan_layers: bool = False  # one scanned block (params stacked on a `layers` axis): one compile
+  attention: str = "dense"   # or "chunked": blocks of queries, no [B, T, T] mask or scores
+  attention_chunk: int = 512
 
   def __post_init__(self):
     if self.time_cond not in TIME_CONDS:
@@ -62,6 +67,8 @@ class ModelConfig:
       raise ConfigError(f"model.latent_norm must be one of {LATENT_NORMS}, got {self.latent_norm!r}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.attention not in ATTENTIONS:
+      raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:
@@ -140,7 +147,10 @@ class Attention(nn.Module):
       keys = jnp.concatenate([k_BxSxKxH.astype(k.dtype), k], axis=1)
       values = jnp.concatenate([v_BxSxKxH.astype(v.dtype), v], axis=1)
       mask = jnp.concatenate([mask_BxTxS, mask_BxTxT], axis=2)
-    out = attention.dot_product_attention(q, keys, values, mask)
+    if isinstance(mask, attention.MaskSpec):
+      out = attention.chunked_attention(q, keys, values, mask, cfg.attention_chunk)
+    else:
+      out = attention.dot_product_attention(q, keys, values, mask)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
                           kernel_init=_init(init, "heads", "head_dim", "embed"),
                           name="o")(out)
@@ -219,6 +229,37 @@ class Block(nn.Module):
     return x_BxTxD + (1 + gate2) * SwiGLU(cfg, name="mlp")(h), kv
 
 
+def stack_layers(params, n_layers):
+  """Per-block parameters {block_i: tree} -> the scanned layout {blocks: {block: tree with a
+  leading layer axis}} (model.scan_layers); other entries are kept."""
+  params = dict(params)
+  blocks = [params.pop(f"block_{i}") for i in range(n_layers)]
+  params["blocks"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+  return params
+
+
+def unstack_layers(params, n_layers):
+  """The inverse of `stack_layers`."""
+  params = dict(params)
+  stacked = params.pop("blocks")["block"]
+  for i in range(n_layers):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+class LayerStep(nn.Module):
+  """One block as a step of `nn.scan` over layers: the carry is x, the scanned input is the
+  layer's slice of the decoding cache (or None), the rest is the same for every layer."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, cache_kv, c_BxTxC, positions_BxT, mask_BxTxT, cache_mask_BxTxS):
+    cache = None if cache_kv is None else (*cache_kv, cache_mask_BxTxS)
+    x_BxTxD, kv = Block(self.cfg, name="block")(x_BxTxD, c_BxTxC, positions_BxT, mask_BxTxT,
+                                                cache)
+    return constrain(x_BxTxD, ("batch", "length", "embed")), kv
+
+
 class EvoTransformer(nn.Module):
   cfg: ModelConfig
 
@@ -231,10 +272,16 @@ class EvoTransformer(nn.Module):
     if cfg.time_cond == "add":
       self.time_in = nn.Dense(cfg.d_model, kernel_init=_init(zeros, "time", "embed"),
                               bias_init=_init(zeros, "embed"))
-    block = Block
+    block = LayerStep if cfg.scan_layers else Block
     if cfg.remat != "none":
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat])
-    self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
+    else:
+      self.blocks = [block(cfg, name=f"block_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps)
     if cfg.time_cond != "add":
       self.final_modulation = Modulation(cfg, 2)
@@ -259,7 +306,9 @@ class EvoTransformer(nn.Module):
     """Logits [B, T, V] (float32) and t_hat [B, T] for a mixed clean/latent sequence.
 
     Clean positions read E[token]; latent positions read rms(E) * z. latents_BxTxD may be
-    None when no position is latent.
+    None when no position is latent. mask_BxTxT: a boolean [B, T, T] array, or an
+    attention.MaskSpec from which the mask follows (model.attention "chunked" then never
+    builds it whole).
     """
     logits, t_hat, _ = self.forward_with_cache(
         tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT)
@@ -286,14 +335,24 @@ class EvoTransformer(nn.Module):
     c_BxTxC = self.time_embed(t_BxT)
     if cfg.time_cond == "add":
       x = x + self.time_in(nn.silu(c_BxTxC)).astype(cfg.compute_dtype)
-    ks, vs = [], []
-    for i, block in enumerate(self.blocks):
-      cache = None
-      if cache_k_NxBxSxKxH is not None:
-        cache = (cache_k_NxBxSxKxH[i], cache_v_NxBxSxKxH[i], cache_mask_BxTxS)
-      x, (k, v) = block(x, c_BxTxC, positions_BxT, mask_BxTxT, cache)
-      ks.append(k)
-      vs.append(v)
+    if isinstance(mask_BxTxT, attention.MaskSpec) and cfg.attention == "dense":
+      mask_BxTxT = attention.spec_mask(mask_BxTxT, mask_BxTxT)
+    x = constrain(x, ("batch", "length", "embed"))
+    cache_kv = None
+    if cache_k_NxBxSxKxH is not None:
+      cache_kv = (cache_k_NxBxSxKxH, cache_v_NxBxSxKxH)
+    if cfg.scan_layers:
+      x, (k_N, v_N) = self.blocks(x, cache_kv, c_BxTxC, positions_BxT, mask_BxTxT,
+                                  cache_mask_BxTxS)
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        cache = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i], cache_mask_BxTxS)
+        x, (k, v) = block(x, c_BxTxC, positions_BxT, mask_BxTxT, cache)
+        x = constrain(x, ("batch", "length", "embed"))
+        ks.append(k)
+        vs.append(v)
+      k_N, v_N = jnp.stack(ks), jnp.stack(vs)
     h = self.final_norm(x)
     if cfg.time_cond != "add":
       shift, scale = self.final_modulation(c_BxTxC)
@@ -304,4 +363,5 @@ class EvoTransformer(nn.Module):
     else:
       logits = self.head(h).astype(jnp.float32)
     t_hat = jax.nn.sigmoid(self.time_head(h.astype(jnp.float32))[..., 0])
-    return logits, t_hat, (jnp.stack(ks), jnp.stack(vs))
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits, t_hat, (k_N, v_N)

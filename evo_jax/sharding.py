@@ -4,8 +4,10 @@ The mesh's axes and sizes come from the config (`mesh.data`, `mesh.fsdp`, `mesh.
 means "the rest of the devices"). Every parameter carries logical axis names (model.py); the
 rules in `sharding.rules` map them to mesh axes, so the sharding policy is data in the config:
 replicated data parallelism, FSDP (parameters and optimizer state split over `fsdp`) and tensor
-parallelism are all settings of the same code. Batches are split over the data-like axes.
+parallelism are all settings of the same code. Batches are split over the data-like axes;
+activations carry logical names too (batch, length, embed, vocab) under the same rules.
 """
+import contextvars
 import math
 
 import flax.linen as nn
@@ -50,6 +52,33 @@ def logical_rules(rules_cfg):
   """Config rules {logical: mesh axis, tuple of axes, or None} as flax's list of pairs."""
   return tuple((name, tuple(v) if isinstance(v, (list, tuple)) else v)
                for name, v in rules_cfg.items())
+
+
+# The (mesh, rules) under which `constrain` pins activations; None: it does nothing.
+_activation_sharding = contextvars.ContextVar("evo_jax_activation_sharding", default=None)
+
+
+def constrain(x, names):
+  """Pins an activation's sharding by logical axis names, when traced under
+  `traced_under_rules`. (Not flax's global-mesh context: under it, flax also re-applies the
+  parameter constraints, which breaks on DenseGeneral's flattened kernels.)"""
+  active = _activation_sharding.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return nn.with_logical_constraint(x, names, rules=rules, mesh=mesh)
+
+
+def traced_under_rules(fn, mesh: Mesh, rules):
+  """fn (a jitted function) traced with the mesh and logical rules in scope, so that the
+  activation constraints (`constrain`) take effect."""
+  def call(*args):
+    token = _activation_sharding.set((mesh, rules))
+    try:
+      return fn(*args)
+    finally:
+      _activation_sharding.reset(token)
+  return call
 
 
 def data_size(mesh: Mesh) -> int:

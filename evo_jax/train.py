@@ -187,17 +187,19 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     init = lambda rng: init_state(self.model, self.tx, rng)
     abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
-    self.state_sharding = state_shardings(self.model, self.tx, self.mesh,
-                                          sharding.logical_rules(cfg.sharding.rules))
+    rules = sharding.logical_rules(cfg.sharding.rules)
+    self.state_sharding = state_shardings(self.model, self.tx, self.mesh, rules)
     self.abstract_state = checkpoint.abstract_like(abstract, self.state_sharding)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_sh = sharding.batch_sharding(self.mesh)
-    self._step = jax.jit(make_train_step(self.model, self.tx, cfg),
-                         in_shardings=(self.state_sharding, batch_sh),
-                         out_shardings=(self.state_sharding, repl), donate_argnums=0)
-    self._measure = jax.jit(make_measure(self.model, cfg),
-                            in_shardings=(self.state_sharding.params, batch_sh, repl),
-                            out_shardings=repl)
+    self._step = sharding.traced_under_rules(
+        jax.jit(make_train_step(self.model, self.tx, cfg),
+                in_shardings=(self.state_sharding, batch_sh),
+                out_shardings=(self.state_sharding, repl), donate_argnums=0), self.mesh, rules)
+    self._measure = sharding.traced_under_rules(
+        jax.jit(make_measure(self.model, cfg),
+                in_shardings=(self.state_sharding.params, batch_sh, repl),
+                out_shardings=repl), self.mesh, rules)
     # Recorded only now that every setting has been validated, so that a mistyped first
     # attempt does not leave a config behind that refuses the corrected command.
     checkpoint.write_config(workdir, cfg.to_dict())

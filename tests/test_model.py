@@ -113,3 +113,36 @@ def test_rematerialisation_keeps_the_gradients(small_cfg, remat):
   assert jax.tree.structure(grads[0]) == jax.tree.structure(grads[1])
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(scan_layers=True),
+    dict(attention="chunked", attention_chunk=8),
+    dict(scan_layers=True, attention="chunked", attention_chunk=4, remat="full"),
+])
+def test_scan_and_chunked_attention_keep_loss_and_gradients(small_cfg, variant):
+  """Scanning over layers (parameters stacked on a `layers` axis) and query-chunked attention
+  (the mask built a block of rows at a time) compute the same loss and gradients."""
+  seg = jnp.asarray([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], jnp.int32)
+  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, 16), 4, 64),
+           "segment_ids": seg, "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
+  n = small_cfg.model.n_layers
+
+  def loss_and_grads(cfg, params):
+    model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+    loss_fn = loss_lib.make_train_loss(model, cfg)
+    return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.key(1), 0)[0]))(
+        params)
+
+  model, params = make(small_cfg)
+  loss0, grads0 = loss_and_grads(small_cfg, params)
+  small_cfg.model.update(variant)
+  if small_cfg.model.scan_layers:
+    params = {"params": model_lib.stack_layers(params["params"], n)}
+  loss1, grads1 = loss_and_grads(small_cfg, params)
+  if small_cfg.model.scan_layers:
+    grads1 = {"params": model_lib.unstack_layers(grads1["params"], n)}
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
+  assert jax.tree.structure(grads0) == jax.tree.structure(grads1)
+  for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

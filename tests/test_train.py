@@ -2,6 +2,7 @@
 and a stopped and resumed run reproduces an uninterrupted one."""
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO
 from evo_jax import checkpoint
@@ -90,27 +91,33 @@ def sharded_step(cfg, batch, mesh_sizes, devices):
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
   tx = train.make_optimizer(cfg.optim, 10)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  state_sh = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  rules = sharding.logical_rules(cfg.sharding.rules)
+  state_sh = train.state_shardings(model, tx, mesh, rules)
   state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=state_sh)(
       jax.random.key(0))
-  step = jax.jit(train.make_train_step(model, tx, cfg),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
+  step = sharding.traced_under_rules(
+      jax.jit(train.make_train_step(model, tx, cfg),
+              in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+              out_shardings=(state_sh, sharding.replicated(mesh))), mesh, rules)
   new_state, aux = step(state, sharding.global_batch(batch, mesh))
   return float(aux["loss"]), jax.device_get(new_state.params)
 
 
-def test_sharded_steps_equal_single_device(small_cfg):
-  """The same step on one device and on 8-device meshes (data parallel; data x fsdp x tensor):
-  the same loss and the same update, to float tolerance."""
+@pytest.mark.parametrize("layout", ["blocks", "scanned_chunked"])
+def test_sharded_steps_equal_single_device(small_cfg, layout):
+  """The same step on one device and on 8-device meshes (data parallel; data x fsdp x tensor),
+  with activations constrained by the logical rules: the same loss and the same update, to
+  float tolerance. Also for scanned layers with chunked attention (the large configs' layout)."""
   assert len(jax.devices()) == 8, "conftest simulates 8 CPU devices"
+  if layout == "scanned_chunked":
+    small_cfg.model.update(scan_layers=True, attention="chunked", attention_chunk=8)
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32),
            "segment_ids": np.repeat(np.asarray([[1] * 10 + [2] * 6]), 8, 0).astype(np.int32),
            "positions": np.repeat(np.asarray([list(range(10)) + list(range(6))]), 8, 0)
                         .astype(np.int32)}
   loss1, params1 = sharded_step(small_cfg, batch, (1, 1, 1), jax.devices()[:1])
-  for sizes in [(8, 1, 1), (2, 2, 2)]:
+  for sizes in [(8, 1, 1), (2, 2, 2)] if layout == "blocks" else [(2, 2, 2)]:
     loss8, params8 = sharded_step(small_cfg, batch, sizes, jax.devices())
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, err_msg=str(sizes))
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
