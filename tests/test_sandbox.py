@@ -1,0 +1,189 @@
+"""The sandbox stops or refuses misbehaving programs, with and without its Python-level guard
+(which checks the OS layers by themselves), leaves nothing behind, and the next program
+still runs."""
+import os
+import pathlib
+import socket
+import tempfile
+import time
+
+import pytest
+
+from evo_jax import sandbox
+from evo_jax.errors import UserError
+
+HELLO = "print('hello')"
+# Running as root here, every layer applies.
+ALL_LAYERS = ("rlimits", "network-namespace", "read-only-filesystem", "unprivileged-uid",
+              "python-guard")
+
+
+def run_then_check_next_passes(source, **kwargs):
+  """Runs `source`, then a normal program: the evaluation goes on after a bad program."""
+  result = sandbox.run_program(source, **kwargs)
+  after = sandbox.run_program(HELLO)
+  assert (after.status, after.stdout) == ("passed", "hello\n")
+  return result
+
+
+def sandbox_dirs():
+  return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("evo_sandbox_")}
+
+
+def live_processes_of(uid):
+  """Processes of `uid` that are not zombies (killed ones await their reaping by init)."""
+  live = []
+  for entry in pathlib.Path("/proc").iterdir():
+    try:
+      fields = dict(line.split(":\t", 1) for line in (entry / "status").read_text().splitlines())
+    except (OSError, ValueError):
+      continue  # not a process, or it exited while being read
+    if int(fields["Uid"].split()[0]) == uid and not fields["State"].startswith("Z"):
+      live.append(entry.name)
+  return live
+
+
+@pytest.fixture
+def outside_file():
+  """A world-writable file in a world-writable directory outside the sandbox (pytest's
+  tmp_path lies in a directory only root may enter): only the sandbox can protect it."""
+  with tempfile.TemporaryDirectory() as directory:
+    os.chmod(directory, 0o777)
+    path = pathlib.Path(directory) / "precious.txt"
+    path.write_text("keep me")
+    path.chmod(0o666)
+    yield path
+
+
+def test_normal_program_passes_in_fresh_directory_removed_afterwards():
+  before = sandbox_dirs()
+  result = sandbox.run_program("import os\nprint(os.listdir('.'))\nprint(os.getuid())")
+  assert result.status == "passed" and result.returncode == 0
+  listing, uid = result.stdout.splitlines()
+  assert listing == "['program.py']"
+  assert int(uid) != os.getuid()
+  assert result.layers == ALL_LAYERS
+  assert sandbox_dirs() == before
+
+
+def test_exception_and_exit_status_fail():
+  result = sandbox.run_program("raise ValueError('bad answer')")
+  assert result.status == "failed" and result.returncode == 1
+  assert result.stderr.strip().endswith("ValueError: bad answer")
+  assert sandbox.run_program("import sys; sys.exit(3)").returncode == 3
+
+
+def test_infinite_loop_times_out():
+  result = run_then_check_next_passes("while True: pass", timeout_s=1.0)
+  assert result.status == "timeout"
+  assert 1.0 <= result.seconds < 3.0
+
+
+def test_cpu_limit_kills_before_the_wall_clock():
+  result = sandbox.run_program("while True: pass", timeout_s=10.0, cpu_s=1.0)
+  assert result.status == "killed" and result.seconds < 5.0
+
+
+def test_unbounded_allocation_is_killed():
+  result = run_then_check_next_passes("x = []\nwhile True: x.append(bytearray(10**7))",
+                                      memory_mb=256)
+  assert result.status == "killed"
+  assert "memory limit" in result.stderr
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_fork_bomb_is_stopped_and_leaves_no_process(guard):
+  # Children call setsid() to leave the process group; the uid-wide kill still finds them.
+  bomb = ("import os, time\nprint(os.getuid(), flush=True)\nwhile True:\n"
+          "  try:\n    if os.fork() == 0:\n      os.setsid()\n"
+          "  except BlockingIOError:\n    time.sleep(0.01)\n")
+  result = run_then_check_next_passes(bomb, timeout_s=1.5, guard=guard)
+  if guard:
+    assert result.status == "failed" and "os.fork is disabled" in result.stderr
+  else:
+    assert result.status == "timeout"
+  uid = int(result.stdout.split()[0])
+  deadline = time.monotonic() + 2.0
+  while live_processes_of(uid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert live_processes_of(uid) == []
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_writing_outside_the_directory_is_refused(outside_file, guard):
+  program = (f"open({str(outside_file)!r}, 'w').write('overwritten')\n"
+             f"open({str(outside_file.parent / 'new.txt')!r}, 'w').write('new')\n")
+  result = run_then_check_next_passes(program, guard=guard)
+  assert result.status == "failed"
+  assert "Read-only file system" in result.stderr
+  assert outside_file.read_text() == "keep me"
+  assert sorted(os.listdir(outside_file.parent)) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_deleting_files_is_refused(outside_file, guard):
+  program = f"import os, shutil\nos.remove({str(outside_file)!r})\n"
+  program += f"shutil.rmtree({str(outside_file.parent)!r})\n"
+  result = run_then_check_next_passes(program, guard=guard)
+  assert result.status == "failed"
+  refusal = "os.remove is disabled" if guard else "Read-only file system"
+  assert refusal in result.stderr
+  assert outside_file.read_text() == "keep me"
+
+
+def test_files_only_root_may_read_stay_unreadable(tmp_path):
+  tmp_path.chmod(0o755)
+  secret = tmp_path / "secret.txt"
+  secret.write_text("password")
+  secret.chmod(0o600)
+  result = sandbox.run_program(f"print(open({str(secret)!r}).read())")
+  assert result.status == "failed" and "password" not in result.stdout
+  assert "PermissionError" in result.stderr
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_socket_cannot_reach_a_local_listener(guard):
+  with socket.create_server(("127.0.0.1", 0)) as server:
+    port = server.getsockname()[1]
+    program = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+               "s.sendall(b'leak')\nprint('connected')\n")
+    result = run_then_check_next_passes(program, guard=guard)
+    server.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+      server.accept()
+  assert result.status == "failed" and "connected" not in result.stdout
+  refusal = "socket.create_connection is disabled" if guard else "Network is unreachable"
+  assert refusal in result.stderr
+
+
+def test_disk_and_output_floods_are_stopped():
+  # The tmpfs (disk_mb, holding program.py too) fills before one file reaches RLIMIT_FSIZE
+  # (also disk_mb), which bounds stdout. Python ignores SIGXFSZ: the write fails with EFBIG.
+  cases = {"open('big', 'wb').write(b'x' * (2 << 20))": "No space left on device",
+           "while True: print('x' * 10000)": "File too large"}
+  for program, refusal in cases.items():
+    result = run_then_check_next_passes(program, disk_mb=1)
+    assert result.status == "failed" and refusal in result.stderr
+
+
+def test_a_launcher_that_cannot_start_is_an_error():
+  with pytest.raises(UserError, match="sandbox: could not start the program: "):
+    sandbox.run_program(HELLO, memory_mb=1)
+
+
+def test_output_is_truncated_to_its_tail():
+  result = sandbox.run_program("print('x' * 100000)\nprint('end')", output_chars=100)
+  assert result.status == "passed"
+  assert result.stdout == "x" * 95 + "\nend\n"
+
+
+def test_run_many_keeps_order():
+  results = sandbox.run_many([f"print({i})" for i in range(4)], workers=2)
+  assert [r.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
+
+
+def test_bad_limits_are_user_errors():
+  with pytest.raises(UserError, match="timeout_s must be positive"):
+    sandbox.run_program(HELLO, timeout_s=0)
+  with pytest.raises(UserError, match="workers must be positive"):
+    sandbox.run_many([HELLO], workers=0)
