@@ -178,7 +178,7 @@ def _kill_everything(pid, uid):
   except ProcessLookupError:
     pass
   if uid is not None:
-    subprocess.run(["kill", "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
+    subprocess.run(["kill", "-KILL", "--", "-1"], user=uid, group=uid, extra_groups=[],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 

@@ -119,6 +119,18 @@ def attempts(calls):
   return "\n".join(lines) + "\n"
 
 
+def test_a_fork_bomb_leaves_a_concurrent_program_alone():
+  # Each program has its own uid: RLIMIT_NPROC and the final kill are the bomb's alone.
+  # (The bomb sleeps between tries, so that the test does not depend on CPU contention.)
+  bomb = ("import os, time\nwhile True:\n  try:\n    os.fork()\n"
+          "  except BlockingIOError:\n    time.sleep(0.05)\n")
+  normal = ("import os, time\ntime.sleep(0.5)\npid = os.fork()\nif pid == 0:\n  os._exit(0)\n"
+            "os.waitpid(pid, 0)\nprint('hello')")  # it can still fork
+  results = sandbox.run_many([bomb, normal], workers=2, timeout_s=2.0, guard=False)
+  assert results[0].status == "timeout"
+  assert (results[1].status, results[1].stdout) == ("passed", "hello\n")
+
+
 @pytest.mark.parametrize("guard", [True, False])
 def test_writing_outside_the_directory_is_refused(outside_file, tmp_path, guard):
   (tmp_path / "mine.txt").write_text("mine")
