@@ -8,7 +8,9 @@ import ml_collections
 # not what is trained).
 RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
                     "train.keep_checkpoints", "train.eval_batches", "train.samples",
-                    "train.sample_tokens", "train.sample_prompt")
+                    "train.sample_tokens", "train.sample_prompt", "train.record_batches",
+                    # The state restores onto any mesh (the data position: same process count).
+                    "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -77,6 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
       steps=400, log_every=25, eval_every=100, ckpt_every=200, keep_checkpoints=2,
       eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",
       grad_accum_steps=1,    # micro-batches per step (gradients summed; same update)
+      record_batches=False,  # each process logs hashes of the rows it read (batches/*.jsonl)
   ))
   return c
 

@@ -4,6 +4,8 @@ Read top to bottom: build the model, optimizer and data from the config; restore
 checkpoint in DIR if there is one; run the jitted step; log, evaluate and save periodically;
 at the end print the headline numbers and a few samples decoded from the saved checkpoint.
 """
+import hashlib
+import json
 import math
 import os
 import sys
@@ -20,6 +22,7 @@ from evo_jax import checkpoint
 from evo_jax import cli
 from evo_jax import config as config_lib
 from evo_jax import data
+from evo_jax import distributed
 from evo_jax import loss as loss_lib
 from evo_jax import metrics as metrics_lib
 from evo_jax import model as model_lib
@@ -255,6 +258,8 @@ class Trainer:
     tick, tick_step, tokens_since = time.perf_counter(), start, 0
     for step in range(start, tcfg.steps):
       batch = next(data_iter)
+      if tcfg.record_batches:
+        record_rows(workdir, step, batch)
       tokens_since += int(np.sum(batch["segment_ids"] > 0))
       state, aux = self.step(state, batch)
       done = step + 1
@@ -302,6 +307,16 @@ class Trainer:
     }
 
 
+def record_rows(workdir, step, local_batch):
+  """Appends a hash of every row this process read at `step` to batches/process_<i>.jsonl:
+  which host read which data, checkable after the fact."""
+  os.makedirs(os.path.join(workdir, "batches"), exist_ok=True)
+  rows = [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in np.asarray(local_batch["tokens"])]
+  path = os.path.join(workdir, "batches", f"process_{jax.process_index()}.jsonl")
+  with open(path, "a") as f:
+    f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+
+
 def status_line(step, total, r, tokens_per_step):
   tps = r.get("tokens_per_sec")
   eta = f"eta {(total - step) * tokens_per_step / tps / 60:.1f} min" if tps else ""
@@ -321,7 +336,9 @@ def train_and_report(cfg, workdir, log=print):
 
 def main(argv=None):
   with cli.user_errors():
-    cfg, args = cli.parse_args(sys.argv[1:] if argv is None else argv, __doc__)
+    cfg, args = cli.parse_args(sys.argv[1:] if argv is None else argv, __doc__,
+                               extra=distributed.add_flags)
+    distributed.initialize(args)
     train_and_report(cfg, args.workdir)
 
 

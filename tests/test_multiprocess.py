@@ -1,0 +1,119 @@
+"""A real multi-process run: 2 processes x 4 simulated CPU devices joined by jax.distributed
+over localhost, started with launch/local.py as a user would. Each process reads its own rows;
+the checkpoint restores in one process onto other meshes; a run killed mid-way resumes and
+reproduces the uninterrupted one."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO
+from evo_jax import checkpoint
+from evo_jax import metrics
+from evo_jax import model as model_lib
+from evo_jax import sharding
+from evo_jax import train
+
+STEPS = 12
+
+
+def command(workdir, tokenizer):
+  settings = dict(
+      **{f"model.{k}": v for k, v in dict(vocab_size=512, d_model=32, n_layers=2, n_heads=4,
+                                          n_kv_heads=2, d_ff=64, time_dim=32, fourier_dim=16,
+                                          time_rank=8).items()},
+      **{"data.tokenizer": tokenizer, "data.seq_len": 32, "data.batch_size": 8,
+         "mesh.fsdp": 2, "optim.warmup_steps": 2, "optim.decay_steps": STEPS,
+         "train.steps": STEPS, "train.log_every": 1, "train.eval_every": STEPS,
+         "train.ckpt_every": 3, "train.keep_checkpoints": 10, "train.eval_batches": 1,
+         "train.samples": 0, "train.record_batches": True})
+  return ([sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
+           "--devices_per_process", "4", "--", "--config", str(REPO / "configs" / "tiny.py"),
+           "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in settings.items()])
+
+
+def launch(cmd, **kwargs):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True, **kwargs)
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, stdlib_tokenizer):
+  workdir = tmp_path_factory.mktemp("mp") / "straight"
+  proc = launch(command(workdir, stdlib_tokenizer))
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-3000:]
+  assert "[0]" in out and "[1]" in out
+  return workdir
+
+
+def test_each_process_reads_its_own_rows(straight_run):
+  """Per step, the two processes' rows are disjoint and together make the global batch."""
+  read = [[json.loads(line) for line in open(straight_run / "batches" / f"process_{i}.jsonl")]
+          for i in range(2)]
+  assert [r["step"] for r in read[0]] == [r["step"] for r in read[1]] == list(range(STEPS))
+  for a, b in zip(*read):
+    assert len(a["rows"]) == len(b["rows"]) == 4          # 8 rows split over 2 processes
+    assert not set(a["rows"]) & set(b["rows"])
+  everything = [row for proc in read for r in proc for row in r["rows"]]
+  assert len(set(everything)) > 0.9 * len(everything)       # no process re-reads the other's data
+
+
+def saved_params(workdir, step, mesh_cfg, devices):
+  """Parameters of the checkpoint at `step`, restored in this single process onto a mesh."""
+  cfg = ml_collections.ConfigDict(checkpoint.read_config(str(workdir)))
+  cfg.mesh.update(mesh_cfg)
+  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  shardings = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
+  ckpts = checkpoint.RunCheckpoints(str(workdir), async_save=False)
+  state = ckpts.restore(step, checkpoint.abstract_like(abstract, shardings))
+  ckpts.close()
+  return state.params
+
+
+def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_tokenizer,
+                                                         tmp_path):
+  workdir = tmp_path / "killed"
+  cmd = command(workdir, stdlib_tokenizer)
+  proc = launch(cmd)
+  first = workdir / "checkpoints" / "3"
+  deadline = time.monotonic() + 900
+  while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)       # the launcher SIGKILLs both training processes
+  out, _ = proc.communicate(timeout=60)
+  assert proc.returncode != 0, "the run finished before it could be killed"
+  killed_at = max(losses(workdir))
+  assert killed_at < STEPS, out[-2000:]
+
+  proc = launch(cmd)
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-3000:]
+  assert "resumed from" in out
+  a, b = losses(straight_run), losses(workdir)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  for step in range(1, STEPS + 1):
+    assert a[step] == b[step], step
+
+  # Saved by 2 processes on a (data 4, fsdp 2) mesh; restored here on other meshes.
+  reference = saved_params(straight_run, STEPS, dict(data=1, fsdp=1, tensor=1),
+                           jax.devices()[:1])
+  for mesh_cfg in (dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)):
+    for x, y in zip(jax.tree.leaves(reference),
+                    jax.tree.leaves(saved_params(workdir, STEPS, mesh_cfg, jax.devices()))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
