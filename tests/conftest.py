@@ -5,6 +5,9 @@ import pytest
 
 # Simulated devices for the multi-device tests; must be set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU backend only, also where libtpu is installed (for evo_jax.aot): otherwise JAX probes
+# for a TPU at start-up and writes warnings to stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

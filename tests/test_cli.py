@@ -64,8 +64,26 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
     ("--config.train.steps=many", "cannot parse"),
     ("--config.model.time_cond=film", "model.time_cond"),
     ("--config.data.batch_size=7", "data.batch_size=7"),
+    ("--config.mesh.data=3", "needs 3 devices, there are 8"),
+    ("--config.model.attention=flash", "model.attention"),
 ])
 def test_bad_values(tmp_path, override, fragment, stdlib_tokenizer):
   result = train_cli(tmp_path / "w", override, f"--config.data.tokenizer={stdlib_tokenizer}",
                      "--config.model.vocab_size=512")
   assert_one_line_error(result, fragment)
+
+
+def test_unreachable_coordinator_times_out(tmp_path):
+  import socket
+  with socket.socket() as s:   # a port nobody listens on
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  result = train_cli(tmp_path / "w", f"--coordinator_address=localhost:{port}",
+                     "--num_processes=2", "--process_id=1", "--distributed_timeout=2")
+  assert_one_line_error(result, f"could not reach the coordinator localhost:{port} within 2 s")
+  assert not (tmp_path / "w").exists()
+
+
+def test_incomplete_distributed_flags(tmp_path):
+  assert_one_line_error(train_cli(tmp_path / "w", "--coordinator_address=localhost:1234"),
+                        "give all three or none")

@@ -240,3 +240,14 @@ def test_bad_input_is_a_one_line_error(model_params):
     with pytest.raises(sampler.SamplerError) as e:
       fn()
     assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scanned_layers_decode_the_same(model_params):
+  """With model.scan_layers the per-layer cache is the scan's input: the same tokens."""
+  import dataclasses
+  model, params = model_params
+  scanned = model_lib.EvoTransformer(dataclasses.replace(model.cfg, scan_layers=True))
+  stacked = {"params": model_lib.stack_layers(params["params"], model.cfg.n_layers)}
+  a = run((model, params), sampler.POLICIES["evo"])
+  b = run((scanned, stacked), sampler.POLICIES["evo"])
+  assert a["new"] == b["new"] and list(a["nfe"]) == list(b["nfe"])
