@@ -8,6 +8,9 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
   bound    the held-out bound of a checkpoint for several log-SNR ranges:
         python -m evo_jax.bench bound --workdir DIR [--log_snr_min -12] [--log_snr_max 10,6,4,2,0]
 
+  memory   temporary memory of the compiled train step, dense vs chunked attention:
+        python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
+
   decode   every decoding policy on the same held-out prompts: a table of NFE (forward passes per
            sequence), tokens per forward pass, tokens per second, and two quality figures of the
            generated text: its AR-path NLL under the model (nats per token, the exact likelihood
@@ -322,8 +325,56 @@ def add_bound_args(p):
   p.add_argument("--batches", type=int, default=4)
 
 
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+
+
+def run_memory(args, rest):
+  """Temporary memory of the compiled train step (one device) with dense and chunked attention,
+  for growing sequence lengths: what model.attention=chunked saves."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+
+  from evo_jax import model as model_lib
+  from evo_jax import train
+  base = cli.load_config_file(args.config)
+  cli.apply_overrides(base, rest)
+  print(f"machine: {machine()}")
+  print(f"config: {args.config} {' '.join(rest)} | batch {args.batch_size} | one device | "
+        f"temporary memory of the compiled train step, MiB")
+  print("seq_len | dense | chunked | dense / chunked")
+  for L in args.seq_len:
+    temp = {}
+    for kind in ("dense", "chunked"):
+      cfg = ml_collections.ConfigDict(base.to_dict())
+      cfg.data.seq_len = L
+      cfg.model.update(attention=kind, attention_chunk=min(args.chunk, 2 * L))
+      model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+      tx = train.make_optimizer(cfg.optim, cfg.train.steps)
+      state = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
+      batch = {k: jax.ShapeDtypeStruct((args.batch_size, L), jnp.int32)
+               for k in ("tokens", "segment_ids", "positions")}
+      compiled = jax.jit(train.make_train_step(model, tx, cfg)).lower(state, batch).compile()
+      temp[kind] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    print(f"{L} | {temp['dense']:,.1f} | {temp['chunked']:,.1f} | "
+          f"{temp['dense'] / temp['chunked']:.2f}")
+
+
+def ints(text):
+  return [int(x) for x in text.split(",")]
+
+
+def add_memory_args(p):
+  p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
+  p.add_argument("--seq_len", type=ints, default=[256, 512, 1024, 2048])
+  p.add_argument("--batch_size", type=int, default=1)
+  p.add_argument("--chunk", type=int, default=256, help="model.attention_chunk")
+
+
 COMMANDS = {"decode": (add_decode_args, run_decode), "train": (add_train_args, run_train),
-            "bound": (add_bound_args, run_bound)}
+            "bound": (add_bound_args, run_bound), "memory": (add_memory_args, run_memory)}
 
 
 def main(argv=None):
