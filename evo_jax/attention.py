@@ -9,6 +9,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from evo_jax.errors import ConfigError
+
 
 def window_ids(window_size_B, offset_B, seq_len):
   """w(i) = floor((i + o) / W) for every row position i: [B, L]."""
@@ -95,14 +97,22 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
   return out.reshape(B, T, N, H)
 
 
+def query_chunk(chunk, length):
+  """The block size chunked_attention uses: `chunk`, or the whole length when shorter."""
+  chunk = min(chunk, length)
+  if length % chunk:
+    raise ConfigError(f"model.attention_chunk={chunk} does not divide the attention length "
+                      f"{length} (2 x data.seq_len)")
+  return chunk
+
+
 def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec: MaskSpec, chunk):
   """`dot_product_attention` under `spec_mask(spec, spec)`, one block of `chunk` queries at a
   time: each block builds its own mask rows and scores [B, N, chunk, T], and is recomputed in
   the backward pass, so neither the mask nor the full score matrix ever exists. Exact: every
   query row still takes its softmax over all keys."""
   B, T, N, H = q_BxTxNxH.shape
-  if T % chunk:
-    raise ValueError(f"attention length {T} is not a multiple of model.attention_chunk={chunk}")
+  chunk = query_chunk(chunk, T)
 
   @jax.checkpoint
   def block(start):

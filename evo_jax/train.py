@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from evo_jax import attention
 from evo_jax import checkpoint
 from evo_jax import cli
 from evo_jax import config as config_lib
@@ -184,6 +185,8 @@ class Trainer:
       raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} "
                         f"pieces but model.vocab_size={cfg.model.vocab_size}")
     self.model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+    if cfg.model.attention == "chunked":
+      attention.query_chunk(cfg.model.attention_chunk, 2 * cfg.data.seq_len)
     self.tx = make_optimizer(cfg.optim, cfg.train.steps)
     self.lr = learning_rate_fn(cfg.optim, cfg.train.steps)
 

@@ -66,9 +66,11 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path):
     ("--config.data.batch_size=7", "data.batch_size=7"),
     ("--config.mesh.data=3", "needs 3 devices, there are 8"),
     ("--config.model.attention=flash", "model.attention"),
+    ("--config.model.attention=chunked --config.model.attention_chunk=100",
+     "model.attention_chunk=100 does not divide the attention length 256"),
 ])
 def test_bad_values(tmp_path, override, fragment, stdlib_tokenizer):
-  result = train_cli(tmp_path / "w", override, f"--config.data.tokenizer={stdlib_tokenizer}",
+  result = train_cli(tmp_path / "w", *override.split(), f"--config.data.tokenizer={stdlib_tokenizer}",
                      "--config.model.vocab_size=512")
   assert_one_line_error(result, fragment)
 
