@@ -444,7 +444,7 @@ def run_humaneval(run, args, problems):
                                                      workers=args.workers)
   k = args.ks[0]
   value = metrics[f"pass@{k}"]
-  se = metrics.get(f"pass@{k}_stderr", 0.0)
+  se = metrics[f"pass@{k}_stderr"]       # the interface of evo_jax/humaneval.py
   return {"benchmark": "HumanEval", "shots": 0, "examples": per_example, "metrics": metrics,
           "metric": {"name": f"pass@{k}", "value": value, "stderr": se}, "score": 100 * value,
           "score_stderr": 100 * se,
@@ -504,7 +504,8 @@ def evaluate(argv):
   cfg, model, params, tokenizer, step = decode.load_run(args.workdir)
   run = Run(args.workdir, cfg, model, params, tokenizer, step)
   results = task.run(run, args, examples)
-  options = {k: v for k, v in vars(task_args).items() if k != "policy"}
+  generation = ("policy", "temperature", "top_p", "max_new_tokens")     # recorded on their own
+  options = {k: v for k, v in vars(task_args).items() if k not in generation}
   record = {
       "task": args.task, "benchmark": results.pop("benchmark"),
       "checkpoint": {"workdir": os.path.abspath(args.workdir), "step": int(step)},

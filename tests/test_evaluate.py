@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED
+from test_sample_cli import one_line_error
 from evo_jax import evaluate
 from evo_jax import tables
 
@@ -39,16 +40,6 @@ def test_gsm8k_answer_extraction_on_the_gold_solutions():
   assert evaluate.extract_answer("no number here") is None
 
 
-def one_line_error(capsys, argv, *fragments):
-  with pytest.raises(SystemExit) as e:
-    evaluate.main(argv)
-  assert e.value.code == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-
-
 def test_bad_input_is_one_line(tmp_path, capsys):
   base = ["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "out.json")]
   bad = tmp_path / "bad.jsonl"
@@ -67,23 +58,25 @@ def test_bad_input_is_one_line(tmp_path, capsys):
        "--shots > 0 needs --train_file"),
   ]
   for argv, *fragments in cases:
-    one_line_error(capsys, base + argv, *fragments)
+    one_line_error(capsys, lambda: evaluate.main(base + argv), *fragments)
   assert not (tmp_path / "out.json").exists()
 
 
 @pytest.fixture(scope="module")
 def results(tiny_run, tmp_path_factory):
-  """Results files of the tiny run: GSM8K under two policies, a multiple-choice file."""
+  """Results files of the tiny run: GSM8K greedy and sampled (one compilation: the temperature
+  is not static), a multiple-choice file."""
   out = tmp_path_factory.mktemp("results")
   choice_file = out / "choice.jsonl"
   choice_file.write_text("".join(json.dumps(c) + "\n" for c in CHOICES))
   gsm = ["--workdir", tiny_run, "--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"),
          "--train_file", str(GSM8K / "train.jsonl"), "--shots", "2", "--limit", "3",
-         "--max_new_tokens", "8", "--batch_size", "4", "--seed", "1"]
+         "--max_new_tokens", "8", "--batch_size", "4", "--seed", "1", "--policy", "evo",
+         "--policy.window=4"]
   records = {
-      "gsm8k_evo": evaluate.main(gsm + ["--output", str(out / "gsm8k_evo.json"), "--policy",
-                                        "evo", "--policy.window=4"]),
-      "gsm8k_ar": evaluate.main(gsm + ["--output", str(out / "gsm8k_ar.json"), "--policy", "ar"]),
+      "gsm8k_evo": evaluate.main(gsm + ["--output", str(out / "gsm8k_evo.json")]),
+      "gsm8k_hot": evaluate.main(gsm + ["--output", str(out / "gsm8k_hot.json"),
+                                        "--temperature", "0.8"]),
       "choice": evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file",
                                str(choice_file), "--benchmark", "ARC-C", "--batch_size", "4",
                                "--output", str(out / "choice.json")]),
@@ -114,7 +107,8 @@ def test_gsm8k_end_to_end(results):
   d = r["decoding"]
   assert d["tokens_per_forward"] == pytest.approx(sum(e["tokens"] for e in r["examples"]) /
                                                   sum(e["nfe"] for e in r["examples"]))
-  assert records["gsm8k_ar"]["decoding"]["tokens_per_forward"] == 1.0
+  hot = records["gsm8k_hot"]
+  assert hot["temperature"] == 0.8 and hot["n_examples"] == 3 and hot["decoding"]["nfe"] >= 1
 
 
 def test_choice_scores_and_metrics(results):
@@ -150,7 +144,7 @@ def test_likelihood_on_files(tiny_run, tmp_path):
 
 def test_tables_in_the_papers_layout(results, tmp_path):
   out, _, _ = results
-  tables.main([str(out / n) for n in ("gsm8k_evo.json", "gsm8k_ar.json", "choice.json")]
+  tables.main([str(out / n) for n in ("gsm8k_evo.json", "gsm8k_hot.json", "choice.json")]
               + ["--out", str(tmp_path)])
   with open(tmp_path / "benchmarks.csv") as f:
     rows = list(csv.reader(f))
@@ -165,10 +159,11 @@ def test_tables_in_the_papers_layout(results, tmp_path):
   assert by_name["MMLU (5-shot)"][5] == ""
   with open(tmp_path / "decoding.csv") as f:
     decoding = list(csv.DictReader(f))
-  assert [d["policy"] for d in decoding] == ["evo", "ar"] and decoding[1]["tokens/forward"] == "1.00"
+  assert [d["policy"] for d in decoding] == ["evo", "evo"]
+  assert decoding[0]["settings"].startswith("W=4 ") and float(decoding[0]["tokens/forward"]) >= 1
   with open(tmp_path / "ablation-gsm8k.csv") as f:
     ablation = list(csv.reader(f))
-  assert "policy" in ablation[0] and "policy.window" in ablation[0]
-  assert "config.model.d_model" not in ablation[0]               # the same run: not a difference
+  assert ablation[0] == ["run", "temperature", "score"]           # the one setting that differs
+  assert [row[1] for row in ablation[1:]] == ["0.0", "0.8"]
   assert (tmp_path / "score_vs_speed.png").stat().st_size > 0
   assert "## Benchmarks" in (tmp_path / "tables.md").read_text()

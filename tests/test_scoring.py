@@ -5,15 +5,13 @@ import numpy as np
 import pytest
 
 from evo_jax import decode
-from evo_jax import model as model_lib
 from evo_jax import sampler
 from evo_jax import scoring
-from evo_jax import train
+import test_sampler
 
 CONTEXT = 24
-MODEL = model_lib.EvoTransformer(model_lib.ModelConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, time_dim=32,
-    fourier_dim=16))
+MODEL = test_sampler.MODEL
+model_params = test_sampler.model_params   # its fixture: a random model, sharpened, t-conditioned
 PAIRS = [([2, 5, 9], [12, 7, 30]), ([], [4, 4, 4, 8]), (list(range(10, 30)), [40, 41]),
          ([3] * 30, [6, 7, 8, 9, 10]), ([2], [])]
 
@@ -22,13 +20,8 @@ ar_path_logits = jax.jit(decode.ar_path_logits, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
-def params():
-  @jax.jit
-  def init(rng):
-    # Sharper than at init, with the time conditioning switched on: the latent matters.
-    p = train.init_params(MODEL, rng)
-    return jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(9), x.shape), p)
-  return init(jax.random.key(1))
+def params(model_params):
+  return model_params[1]
 
 
 def direct(params, context, continuation, seed):
