@@ -72,13 +72,14 @@ def benchmark_table(results, reference):
   cells = {}
   for r in results:
     k = key(r["benchmark"])
-    if k not in rows:
-      rows[k] = [r["benchmark"], r["shots"]] + [None] * len(models)
+    if k not in rows:        # not in the reference table: a row of its own
+      label = r["shots"] if r["score"] is not None else None
+      rows[k] = [r["benchmark"], label] + [None] * len(models)
     cells[k, run_name(r)] = r
   header = ["Benchmark"] + models + runs
   table = []
   for k, (name, shots, *scores) in rows.items():
-    line = [f"{name} ({shots}-shot)"] + [fmt(s) for s in scores]
+    line = [f"{name} ({shots}-shot)" if shots is not None else name] + [fmt(s) for s in scores]
     for run in runs:
       r = cells.get((k, run))
       if r is None:
@@ -88,7 +89,8 @@ def benchmark_table(results, reference):
         text = f"{r['score']:.1f} ± {r['score_stderr']:.1f}"
       else:
         text = f"{r['metric']['value']:.3f} {r['metric']['name']}"
-      line.append(text + (f" ({r['shots']}-shot)" if r["shots"] != shots else ""))
+      line.append(text + (f" ({r['shots']}-shot)" if shots is not None and r["shots"] != shots
+                          else ""))
     table.append(line)
   notes = [f"{m}: {reference['sources'][m]}" for m in models] + reference["notes"]
   return header, table, notes
@@ -114,7 +116,8 @@ def settings_of(r):
   from evo_jax import config
   out = {f"config.{k}": v for k, v in config.flatten(r.get("config") or {}).items()}
   out.update({f"option.{k}": v for k, v in (r.get("options") or {}).items()})
-  out.update({f"policy.{k}": v for k, v in (r.get("policy_settings") or {}).items()})
+  out.update({f"policy.{k}": v for k, v in (r.get("policy_settings") or {}).items()
+              if k != "name"})
   out.update({k: r.get(k) for k in ("policy", "shots", "temperature", "top_p", "seed")})
   return out
 
