@@ -161,8 +161,9 @@ def cut_at_stop(text, stops):
 def decoding_stats(completions, seconds):
   tokens = sum(c.tokens for c in completions)
   nfe = sum(c.nfe for c in completions)
-  return {"nfe": nfe / max(len(completions), 1), "tokens_per_forward": tokens / max(nfe, 1),
-          "tokens_per_sec": tokens / max(seconds, 1e-9), "new_tokens": tokens / max(len(completions), 1),
+  n = max(len(completions), 1)
+  return {"nfe": nfe / n, "tokens_per_forward": tokens / max(nfe, 1),
+          "tokens_per_sec": tokens / max(seconds, 1e-9), "new_tokens": tokens / n,
           "seconds": seconds}
 
 
@@ -247,15 +248,18 @@ def run_likelihood(run, args, docs):
         batch["tokens"][r, :len(row)] = row
         batch["segment_ids"][r, :len(row)] = 1
         batch["positions"][r, :len(row)] = np.arange(len(row))
-      sums = jax.device_get(bound(run.params, batch, jax.random.fold_in(jax.random.key(args.seed), b)))
+      rng = jax.random.fold_in(jax.random.key(args.seed), b)
+      sums = jax.device_get(bound(run.params, batch, rng))
       total = sums if total is None else {k: total[k] + sums[k] for k in sums}
     name = "L" if W == -1 else W
     for term in ("bound", "diffusion", "recon", "prior"):
       metrics[f"{term}_w{name}_bpt"] = float(total[term] / total["tokens"] / math.log(2))
   examples = [{"document": f"{ref.path}:{ref.line}" if ref.line else ref.path,
-               "tokens": int(n), "logprob": float(lp), "bits_per_token": float(-lp / n / math.log(2))}
+               "tokens": int(n), "logprob": float(lp),
+               "bits_per_token": float(-lp / n / math.log(2))}
               for ref, n, lp in zip(docs, counts, logprob)]
-  return {"benchmark": "likelihood", "shots": 0, **AR_PATH, "examples": examples, "metrics": metrics,
+  return {"benchmark": "likelihood", "shots": 0, **AR_PATH, "examples": examples,
+          "metrics": metrics,
           "metric": {"name": "bits_per_token", "value": metrics["bits_per_token"],
                      "stderr": metrics["bits_per_token_stderr"]}}
 
@@ -514,7 +518,8 @@ def evaluate(argv):
       "options": options, "n_examples": len(results["examples"]), "score": None,
       "score_stderr": None, "decoding": None, **results,
       "config": cfg.to_dict(), "machine": bench.machine(),
-      "seconds": time.perf_counter() - start, "command": ["python", "-m", "evo_jax.evaluate"] + argv}
+      "seconds": time.perf_counter() - start,
+      "command": ["python", "-m", "evo_jax.evaluate"] + argv}
   write_json(args.output, record)
   m = record["metric"]
   print(f"{args.task} ({record['benchmark']}, {record['n_examples']} examples, step {step}): "

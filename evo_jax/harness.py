@@ -79,8 +79,9 @@ class EvoLM(LM):
       kwargs = dict(gen_kwargs or {})
       until = kwargs.get("until") or []
       until = (until,) if isinstance(until, str) else tuple(until)
-      sample = kwargs.get("do_sample", False) or float(kwargs.get("temperature", 0.0)) > 0
-      temperature = float(kwargs.get("temperature", self.temperature)) if sample else 0.0
+      # Greedy unless the request samples: then its temperature, else ours, else 1.
+      sample = kwargs.get("do_sample", False) or float(kwargs.get("temperature") or 0.0) > 0
+      temperature = float(kwargs.get("temperature") or self.temperature or 1.0) if sample else 0.0
       max_toks = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)),
                      self.run.cfg.data.seq_len - 1)
       groups.setdefault((until, temperature, max_toks), []).append((i, context))

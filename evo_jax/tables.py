@@ -42,7 +42,8 @@ def load_results(paths):
         record = json.load(f)
     except ValueError:
       raise TablesError(f"{path}: not valid JSON") from None
-    if not isinstance(record, dict) or not {"task", "benchmark", "metric", "checkpoint"} <= set(record):
+    required = {"task", "benchmark", "metric", "checkpoint"}
+    if not isinstance(record, dict) or not required <= set(record):
       raise TablesError(f"{path}: not a results file of python -m evo_jax.evaluate")
     results.append(record)
   if not results:
@@ -131,7 +132,8 @@ def ablation_tables(results):
   for name, group in groups.items():
     settings = [settings_of(r) for r in group]
     names = sorted(set().union(*settings))
-    varying = [k for k in names if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+    varying = [k for k in names
+               if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
     if len(group) < 2 or not varying:
       continue
     rows = [[run_name(r)] + [json.dumps(s.get(k)) if isinstance(s.get(k), (list, dict)) else
