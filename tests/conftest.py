@@ -42,3 +42,25 @@ def run_cfg(small_cfg, stdlib_tokenizer):
   cfg.train.update(steps=6, log_every=2, eval_every=6, ckpt_every=3, eval_batches=2,
                    samples=0)
   return cfg
+
+
+
+def train_tiny_run(path, tokenizer, seq_len):
+  """Trains a 4-step run of a small model with a seq_len-token context into path."""
+  from evo_jax import config, train
+  cfg = config.default_config()
+  cfg.model.update(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   time_dim=32, fourier_dim=16)
+  cfg.data.update(tokenizer=tokenizer, seq_len=seq_len, batch_size=8)
+  cfg.optim.update(warmup_steps=2, lr=3e-3)
+  cfg.train.update(steps=4, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1, samples=0)
+  cfg.bound.windows = (1,)
+  train.check_workdir_config(cfg, path)
+  train.Trainer(cfg, path).run(log=lambda *_: None)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, stdlib_tokenizer):
+  """The small run with a 64-token context that the evaluation tests share."""
+  return train_tiny_run(str(tmp_path_factory.mktemp("tiny_run")), stdlib_tokenizer, 64)

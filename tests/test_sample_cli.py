@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_tiny_run
 from evo_jax import bench
 from evo_jax import sample
 
@@ -14,18 +14,7 @@ from evo_jax import sample
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, stdlib_tokenizer):
   """A 4-step run of a small model with a 32-token context."""
-  from evo_jax import config, train
-  cfg = config.default_config()
-  cfg.model.update(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                   time_dim=32, fourier_dim=16)
-  cfg.data.update(tokenizer=stdlib_tokenizer, seq_len=32, batch_size=8)
-  cfg.optim.update(warmup_steps=2, lr=3e-3)
-  cfg.train.update(steps=4, log_every=4, eval_every=4, ckpt_every=4, eval_batches=1, samples=0)
-  cfg.bound.windows = (1,)
-  path = str(tmp_path_factory.mktemp("run"))
-  train.check_workdir_config(cfg, path)
-  train.Trainer(cfg, path).run(log=lambda *_: None)
-  return path
+  return train_tiny_run(str(tmp_path_factory.mktemp("run")), stdlib_tokenizer, 32)
 
 
 def one_line_error(capsys, fn, *fragments):

@@ -1,0 +1,169 @@
+"""`python -m evo_jax.evaluate` and `python -m evo_jax.tables` on a briefly trained tiny run:
+GSM8K answer extraction on the real test file, end-to-end runs that write valid results files,
+the tables in the paper's layout, and one-line errors for bad input."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from test_sample_cli import one_line_error
+from evo_jax import evaluate
+from evo_jax import tables
+
+GSM8K = SHARED / "data" / "gsm8k"
+CHOICES = [
+    {"context": "def add(a, b):\n    return", "choices": [" a + b", " a - b", "!!"], "label": 0},
+    {"context": "import os\nimport", "choices": [" sys", " ))(", " re"], "label": 0},
+    {"context": "for i in range(10):\n   ", "choices": [" print(i)", " ]]", " pass"], "label": 2},
+    {"context": "class Foo", "choices": [":", "(object):", " = 3"], "label": 1},
+]
+
+
+def test_gsm8k_answer_extraction_on_the_gold_solutions():
+  records = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()]
+  assert len(records) == 1319
+  for r in records:
+    gold = r["answer"].split("####")[-1].strip()
+    target = evaluate.extract_answer(r["answer"])
+    assert target is not None and float(target) == float(gold.replace(",", "")), gold
+    # the same number written as free text (no '####'): the last number, $ and commas dropped
+    reasoning = r["answer"].split("####")[0]
+    assert evaluate.extract_answer(f"{reasoning}So the answer is ${gold}.") == target
+  cases = {"1,000": "1000", "$5": "5", "18.0": "18", "-3": "-3", "0.50": "0.5", "7.": "7",
+           "x": None}
+  assert {k: evaluate.normalize_number(k) for k in cases} == cases
+  assert evaluate.extract_answer("#### 1,234.00 dollars") == "1234"
+  assert evaluate.extract_answer("3 apples and 4 pears make 7") == "7"
+  assert evaluate.extract_answer("no number here") is None
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+  base = ["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "out.json")]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n\n{"context": oops}\n')
+  no_label = tmp_path / "no_label.jsonl"
+  no_label.write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
+  cases = [
+      (["--task", "mmlu"], "unknown task 'mmlu'", "likelihood, gsm8k, choice, humaneval"),
+      (["--task", "gsm8k", "--test_file", str(tmp_path / "none.jsonl")],
+       "task file not found", "none.jsonl"),
+      (["--task", "choice", "--file", str(bad)], f"{bad} line 3: not valid JSON"),
+      (["--task", "choice", "--file", str(no_label)], "line 1: label 5 is not an index"),
+      (["--task", "gsm8k", "--test_file", str(bad)], "line 1: field 'question' missing"),
+      (["--task", "choice", "--file", str(bad), "--policy.window=3"], "unknown argument"),
+      (["--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"), "--shots", "2"],
+       "--shots > 0 needs --train_file"),
+  ]
+  for argv, *fragments in cases:
+    one_line_error(capsys, lambda: evaluate.main(base + argv), *fragments)
+  assert not (tmp_path / "out.json").exists()
+
+
+@pytest.fixture(scope="module")
+def results(tiny_run, tmp_path_factory):
+  """Results files of the tiny run: GSM8K greedy and sampled (one compilation: the temperature
+  is not static), a multiple-choice file."""
+  out = tmp_path_factory.mktemp("results")
+  choice_file = out / "choice.jsonl"
+  choice_file.write_text("".join(json.dumps(c) + "\n" for c in CHOICES))
+  gsm = ["--workdir", tiny_run, "--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"),
+         "--train_file", str(GSM8K / "train.jsonl"), "--shots", "2", "--limit", "3",
+         "--max_new_tokens", "8", "--batch_size", "4", "--seed", "1", "--policy", "evo",
+         "--policy.window=4"]
+  records = {
+      "gsm8k_evo": evaluate.main(gsm + ["--output", str(out / "gsm8k_evo.json")]),
+      "gsm8k_hot": evaluate.main(gsm + ["--output", str(out / "gsm8k_hot.json"),
+                                        "--temperature", "0.8"]),
+      "choice": evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file",
+                               str(choice_file), "--benchmark", "ARC-C", "--batch_size", "4",
+                               "--output", str(out / "choice.json")]),
+  }
+  return out, choice_file, records
+
+
+def test_gsm8k_end_to_end(results):
+  out, _, records = results
+  r = json.loads((out / "gsm8k_evo.json").read_text())
+  assert r == json.loads(json.dumps(records["gsm8k_evo"]))
+  assert r["task"] == "gsm8k" and r["benchmark"] == "GSM8K" and r["n_examples"] == 3
+  assert r["checkpoint"]["step"] == 4 and r["tokenizer"].endswith("tokenizer.model")
+  assert r["shots"] == 2 and len(r["fewshot_lines"]) == 2 and r["seed"] == 1
+  assert r["policy"] == "evo" and r["policy_settings"]["window"] == 4
+  assert r["temperature"] == 0.0 and r["max_new_tokens"] == 8
+  correct = [e["correct"] for e in r["examples"]]
+  assert r["metric"]["value"] == pytest.approx(np.mean(correct))
+  assert r["metric"]["stderr"] == pytest.approx(np.std(correct, ddof=1) / math.sqrt(3))
+  assert r["score"] == pytest.approx(100 * r["metric"]["value"])
+  targets = [json.loads(line)["answer"] for line in
+             (GSM8K / "test.jsonl").read_text().splitlines()[:3]]
+  for e, answer in zip(r["examples"], targets):
+    assert e["target"] == evaluate.extract_answer(answer)
+    assert e["prediction"] == evaluate.extract_answer(e["completion"])
+    assert 1 <= e["tokens"] <= 8 and e["nfe"] >= 1 and e["prompt_tokens_dropped"] > 0
+    assert not any(s in e["completion"] for s in evaluate.GSM8K_STOPS)
+  d = r["decoding"]
+  assert d["tokens_per_forward"] == pytest.approx(sum(e["tokens"] for e in r["examples"]) /
+                                                  sum(e["nfe"] for e in r["examples"]))
+  hot = records["gsm8k_hot"]
+  assert hot["temperature"] == 0.8 and hot["n_examples"] == 3 and hot["decoding"]["nfe"] >= 1
+
+
+def test_choice_scores_and_metrics(results):
+  _, _, records = results
+  r = records["choice"]
+  assert r["benchmark"] == "ARC-C" and r["policy"] == "ar-path" and r["n_examples"] == 4
+  for e, c in zip(r["examples"], CHOICES):
+    assert e["prediction"] == int(np.argmax(e["logprobs"]))
+    per_byte = [lp / len(x.encode()) for lp, x in zip(e["logprobs"], c["choices"])]
+    assert e["prediction_norm"] == int(np.argmax(per_byte))
+    assert all(lp < 0 for lp in e["logprobs"])
+  assert r["metrics"]["acc"] == np.mean([e["prediction"] == c["label"]
+                                         for e, c in zip(r["examples"], CHOICES)])
+
+
+def test_likelihood_on_files(tiny_run, tmp_path):
+  docs = ["def f(x):\n    return x + 1\n" * 6, "import os\nprint(os.getcwd())\n"]
+  (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  r = evaluate.main(["--workdir", tiny_run, "--task", "likelihood", "--corpus",
+                     str(tmp_path / "docs.jsonl"), "--windows", "1,-1", "--batch_size", "4",
+                     "--output", str(tmp_path / "lik.json")])
+  from evo_jax import data
+  tok = data.Tokenizer(r["tokenizer"])
+  counts = [len(tok.encode(d)) + 1 for d in docs]               # ids and eos, after bos
+  assert [e["tokens"] for e in r["examples"]] == counts and r["metrics"]["tokens"] == sum(counts)
+  nats = -sum(e["logprob"] for e in r["examples"]) / sum(counts)
+  assert r["metrics"]["bits_per_token"] == pytest.approx(nats / math.log(2))
+  assert r["metrics"]["perplexity"] == pytest.approx(math.exp(nats))
+  for name in ("bound_w1_bpt", "bound_wL_bpt"):
+    parts = sum(r["metrics"][name.replace("bound", t)] for t in ("diffusion", "recon", "prior"))
+    assert r["metrics"][name] == pytest.approx(parts) and r["metrics"][name] > 0
+
+
+def test_tables_in_the_papers_layout(results, tmp_path):
+  out, _, _ = results
+  tables.main([str(out / n) for n in ("gsm8k_evo.json", "gsm8k_hot.json", "choice.json")]
+              + ["--out", str(tmp_path)])
+  with open(tmp_path / "benchmarks.csv") as f:
+    rows = list(csv.reader(f))
+  run = rows[0][-1]
+  assert rows[0] == ["Benchmark", "LLaDA 8B", "LLaMA3 8B", "Qwen2.5 7B", "Evo 8B", run]
+  assert run.endswith("@4") and len(rows) == 16                  # the 15 benchmarks of LLaDA
+  by_name = {row[0]: row for row in rows[1:]}
+  assert by_name["GSM8K (4-shot)"][1:4] == ["70.7", "53.1", "85.4"]
+  assert by_name["GSM8K (4-shot)"][5].endswith("(2-shot)")      # ran with 2 shots, not 4
+  assert by_name["ARC-C (0-shot)"][1:5] == ["47.9", "53.1", "63.7", "65.6"]
+  assert "±" in by_name["ARC-C (0-shot)"][5] and "shot" not in by_name["ARC-C (0-shot)"][5]
+  assert by_name["MMLU (5-shot)"][5] == ""
+  with open(tmp_path / "decoding.csv") as f:
+    decoding = list(csv.DictReader(f))
+  assert [d["policy"] for d in decoding] == ["evo", "evo"]
+  assert decoding[0]["settings"].startswith("W=4 ") and float(decoding[0]["tokens/forward"]) >= 1
+  with open(tmp_path / "ablation-gsm8k.csv") as f:
+    ablation = list(csv.reader(f))
+  assert ablation[0] == ["run", "temperature", "score"]           # the one setting that differs
+  assert [row[1] for row in ablation[1:]] == ["0.0", "0.8"]
+  assert (tmp_path / "score_vs_speed.png").stat().st_size > 0
+  assert "## Benchmarks" in (tmp_path / "tables.md").read_text()
