@@ -451,7 +451,7 @@ def run_humaneval(run, args, problems):
   se = metrics[f"pass@{k}_stderr"]       # the interface of evo_jax/humaneval.py
   return {"benchmark": "HumanEval", "shots": 0, "examples": per_example, "metrics": metrics,
           "metric": {"name": f"pass@{k}", "value": value, "stderr": se}, "score": 100 * value,
-          "score_stderr": 100 * se,
+          "score_stderr": None if se is None else 100 * se,
           **generation_record(args, args.policy_obj, [c for s in samples for c in s], seconds)}
 
 
@@ -522,8 +522,9 @@ def evaluate(argv):
       "command": ["python", "-m", "evo_jax.evaluate"] + argv}
   write_json(args.output, record)
   m = record["metric"]
+  stderr = "" if m["stderr"] is None else f" +- {m['stderr']:.4f}"   # None: one example
   print(f"{args.task} ({record['benchmark']}, {record['n_examples']} examples, step {step}): "
-        f"{m['name']} = {m['value']:.4f} +- {m['stderr']:.4f} -> {args.output}")
+        f"{m['name']} = {m['value']:.4f}{stderr} -> {args.output}")
   return record
 
 

@@ -77,6 +77,10 @@ def results(tiny_run, tmp_path_factory):
       "gsm8k_evo": evaluate.main(gsm + ["--output", str(out / "gsm8k_evo.json")]),
       "gsm8k_hot": evaluate.main(gsm + ["--output", str(out / "gsm8k_hot.json"),
                                         "--temperature", "0.8"]),
+      "humaneval": evaluate.main([
+          "--workdir", tiny_run, "--task", "humaneval", "--limit", "2", "--n_samples", "2",
+          "--k", "1,2", "--max_new_tokens", "8", "--temperature", "0.8", "--policy", "ar",
+          "--output", str(out / "humaneval.json")]),
       "choice": evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file",
                                str(choice_file), "--benchmark", "ARC-C", "--batch_size", "4",
                                "--output", str(out / "choice.json")]),
@@ -109,6 +113,29 @@ def test_gsm8k_end_to_end(results):
                                                   sum(e["nfe"] for e in r["examples"]))
   hot = records["gsm8k_hot"]
   assert hot["temperature"] == 0.8 and hot["n_examples"] == 3 and hot["decoding"]["nfe"] >= 1
+
+
+def test_humaneval_end_to_end(results):
+  """Sampled completions of real problems, run in the sandbox: pass@k from the per-sample
+  verdicts, with every setting recorded."""
+  from evo_jax import humaneval
+  out, _, records = results
+  r = json.loads((out / "humaneval.json").read_text())
+  assert r == json.loads(json.dumps(records["humaneval"]))
+  assert r["task"] == "humaneval" and r["n_examples"] == 2 and r["policy"] == "ar"
+  assert r["temperature"] == 0.8 and r["max_new_tokens"] == 8
+  problems = humaneval.load_problems(limit=2)
+  assert [e["task_id"] for e in r["examples"]] == [p["task_id"] for p in problems]
+  per_problem = []
+  for e in r["examples"]:
+    assert len(e["samples"]) == 2
+    assert all(s["status"] in ("passed", "failed", "timeout", "killed") for s in e["samples"])
+    per_problem.append(sum(s["passed"] for s in e["samples"]))
+  for k in (1, 2):
+    expected = np.mean([humaneval.pass_at_k(2, c, k) for c in per_problem])
+    assert r["metrics"][f"pass@{k}"] == pytest.approx(expected)
+  assert r["metric"] == {"name": "pass@1", "value": r["metrics"]["pass@1"],
+                         "stderr": r["metrics"]["pass@1_stderr"]}
 
 
 def test_choice_scores_and_metrics(results):
