@@ -25,6 +25,10 @@ setup(
         # matplotlib draws the decoding trajectory (python -m evo_jax.sample --trajectory);
         # the tests draw one.
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7"],
+        # python -m evo_jax.convert: Hugging Face checkpoints in and out. torch is pinned to the
+        # CPU build's version (only the tests run it; an unpinned torch pulls a CUDA build).
+        "convert": ["transformers>=5.0", "torch==2.13.0", "safetensors>=0.4", "tokenizers>=0.20"],
+        "test": ["pytest>=8", "matplotlib>=3.7",
+                 "transformers>=5.0", "torch==2.13.0", "safetensors>=0.4", "tokenizers>=0.20"],
     },
 )

@@ -17,7 +17,9 @@ import transformers
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from evo_jax import checkpoint, config, convert, decode, model as model_lib, sample, sampler
+from conftest import REPO
+
+from evo_jax import checkpoint, cli, config, convert, decode, model as model_lib, sample, sampler
 from evo_jax import schedule, train
 
 VOCAB = 260   # 256 byte tokens + 2 special tokens, padded like real checkpoints' vocabularies
@@ -66,10 +68,7 @@ def make_checkpoint(directory, family, **save_kwargs):
 def run_config(corpus):
   cfg = config.default_config()
   cfg.model.update(time_dim=32, fourier_dim=16)
-  cfg.data.update(corpus=str(corpus), seq_len=32, batch_size=8, heldout_fraction=0.3)
-  cfg.optim.update(warmup_steps=1, lr=1e-2, pretrained_lr_scale=0.0)
-  cfg.bound.windows = (1,)
-  cfg.train.update(steps=2, log_every=2, eval_every=2, ckpt_every=2, eval_batches=1, samples=0)
+  cfg.data.update(corpus=str(corpus), seq_len=32)
   return cfg
 
 
@@ -156,14 +155,33 @@ def test_export_and_reimport_round_trip_every_tensor(imported, corpus):
     np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=str(key))
 
 
+def adapt_config(hf_dir, corpus):
+  """configs/adapt_llama.py as the README runs it, shrunk to this model and machine."""
+  cfg = cli.load_config_file(f"{REPO}/configs/adapt_llama.py:{hf_dir}")
+  cli.apply_overrides(cfg, [
+      f"--config.data.corpus={corpus}", "--config.data.seq_len=32", "--config.data.batch_size=8",
+      "--config.data.heldout_fraction=0.3", "--config.data.shuffle_rows=8",
+      "--config.model.dtype=float32", "--config.model.time_dim=32",
+      "--config.model.fourier_dim=16", "--config.model.time_rank=8", "--config.bound.windows=1",
+      "--config.optim.pretrained_lr_scale=0.0", "--config.optim.warmup_steps=1",
+      "--config.train.steps=2", "--config.train.log_every=2", "--config.train.eval_every=2",
+      "--config.train.ckpt_every=2", "--config.train.eval_batches=1", "--config.train.samples=0"])
+  return cfg
+
+
 def test_imported_workdir_trains_and_decodes_with_every_policy(tmp_path, corpus, capsys):
-  make_checkpoint(tmp_path / "hf", "llama")
+  """The README's commands: import and train with configs/adapt_llama.py (FSDP over the 8
+  simulated devices, low-rank adaLN), then decode."""
+  hf_dir = tmp_path / "hf"
+  make_checkpoint(hf_dir, "llama")
   workdir = str(tmp_path / "evo")
-  cfg = run_config(corpus)
-  convert.import_checkpoint(str(tmp_path / "hf"), workdir, cfg, log=lambda _: None)
+  cfg = adapt_config(hf_dir, corpus)
+  convert.import_checkpoint(str(hf_dir), workdir, cfg, log=lambda _: None)
+  # The config read from the imported workdir is the one read from the checkpoint.
+  assert adapt_config(workdir, corpus).to_dict() == cfg.to_dict()
   _, _, before, _, _ = decode.load_run(workdir)
   logs = []
-  train.Trainer(cfg, workdir).run(log=logs.append)
+  train.Trainer(adapt_config(hf_dir, corpus), workdir).run(log=logs.append)
   assert logs[0].endswith("checkpoints/0")  # started from the imported weights, not resumed
   cfg, model, after, tokenizer, step = decode.load_run(workdir)
   assert step == 2
