@@ -291,7 +291,7 @@ def export_checkpoint(workdir, out, dtype="float32", log=print):
           dict(max_position_embeddings=cfg.data.seq_len, bos_token_id=tokenizer.bos_id,
                eos_token_id=tokenizer.eos_id))
   config = hf_config(mcfg, base)
-  config["torch_dtype"] = dtype
+  config["dtype" if "dtype" in base else "torch_dtype"] = dtype   # transformers >= 5: dtype
   flat = flax.traverse_util.flatten_dict(params)
 
   # Shards of at most MAX_SHARD_BYTES, so that only one shard is ever on the host.
