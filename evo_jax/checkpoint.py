@@ -34,10 +34,15 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def save(self, step, state, data_iterator, config_dict):
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config_dict)))
+    """data_iterator None: a state that no data has flowed into yet (an imported model)."""
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def has_data(self, step):
+    """Whether the checkpoint at `step` holds a data iterator position."""
+    return os.path.isdir(os.path.join(self.directory, str(step), "data"))
 
   def restore(self, step, abstract_state, data_iterator=None):
     """The state at `step` laid out like abstract_state (shapes, dtypes, shardings); the data

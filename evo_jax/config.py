@@ -20,6 +20,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=0,
       d_ff=384, rope_theta=10000.0, norm_eps=1e-6,
+      # RoPE scaling (none | linear | llama3) and its settings, as in Hugging Face configs.
+      rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+      rope_original_max_position=8192,
+      qkv_bias=False,           # q/k/v projection biases (Qwen2)
+      qk_norm=False,            # per-head RMSNorm of queries and keys (Qwen3)
       time_cond="adaln",        # adaln | adaln_lowrank | add
       time_rank=64, time_dim=64, fourier_dim=64,
       latent_norm="global",     # global | per_token
@@ -56,7 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       corpus="",             # "" = the Python standard library; else files/globs, comma-separated
       text_field="text",
-      tokenizer="",          # a SentencePiece .model; "" trains one on the corpus (cached)
+      # a SentencePiece .model or a Hugging Face tokenizer.json; "": the workdir's own (an
+      # imported checkpoint's tokenizer.json), else one trained on the corpus (cached)
+      tokenizer="",
       heldout_fraction=0.05,
       seq_len=128,
       batch_size=16,         # global batch
@@ -66,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
       lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,
       decay_steps=0,         # length of the cosine decay; 0: train.steps
       b1=0.9, b2=0.95, clip_norm=1.0,
+      pretrained_lr_scale=1.0,   # lr multiplier of all but the time parameters (adaptation)
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the rest
   # Logical axis names of the parameters and main activations (model.py) -> mesh axes. The

@@ -9,6 +9,7 @@ Four concerns, in reading order:
    at startup with a one-line `DataError` instead of hours into training.
 2. Tokenizer. A byte-fallback BPE SentencePiece model trained on the train split and cached at
    WORKDIR/tokenizer.model. It round-trips any text exactly (code indentation included).
+   An imported checkpoint brings its own tokenizer.json instead (`HFTokenizer`, same interface).
 3. Packing. `grain.experimental.ConcatThenSplitIterDataset` concatenates the
    [bos] + ids + [eos] documents and cuts the stream into rows of seq_len, with segment ids
    and positions; it is checkpointable (`_PackedRows` renames its outputs and fixes its state
@@ -40,6 +41,8 @@ from evo_jax.errors import UserError
 SPLITS = ("train", "heldout")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"          # a Hugging Face checkpoint's own tokenizer
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # beside it: which tokens are bos, eos, pad
 
 
 class DataError(UserError):
@@ -252,6 +255,61 @@ class Tokenizer:
     return self._sp.decode([int(i) for i in ids if int(i) not in self._special_ids])
 
 
+class HFTokenizer:
+  """A Hugging Face tokenizer.json (the `tokenizers` package) with Tokenizer's interface.
+
+  bos/eos/pad are named in the tokenizer_config.json beside it. Without a bos token (Qwen)
+  documents are separated by eos alone, as in Qwen's pre-training, so bos_id is eos_id."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise DataError(f"tokenizer file not found: {path}")
+    import tokenizers  # the `convert` extra; SentencePiece runs do not need it
+    self.path = path
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # the Rust library raises a bare Exception on a malformed file
+      raise DataError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    special = {}
+    config_path = os.path.join(os.path.dirname(path), HF_TOKENIZER_CONFIG)
+    if os.path.isfile(config_path):
+      with open(config_path, encoding="utf-8") as f:
+        special = json.load(f)
+    self.eos_id = self._special_id(special, "eos_token")
+    if self.eos_id is None:
+      raise DataError(f"tokenizer {path}: no eos_token in {config_path}")
+    self.bos_id = self._special_id(special, "bos_token")
+    self.bos_id = self.eos_id if self.bos_id is None else self.bos_id
+    self.pad_id = self._special_id(special, "pad_token")
+    self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+    self._special_ids = frozenset({self.pad_id, self.bos_id, self.eos_id})
+
+  def _special_id(self, special, key):
+    token = special.get(key)
+    token = token.get("content") if isinstance(token, dict) else token
+    if token is None:
+      return None
+    token_id = self._tok.token_to_id(token)
+    if token_id is None:
+      raise DataError(f"tokenizer {self.path}: its {key} {token!r} is not in the vocabulary")
+    return token_id
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without bos/eos (the post-processor's special tokens are off)."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """The text of `ids` (a list or numpy array); pad/bos/eos are skipped."""
+    return self._tok.decode([int(i) for i in ids if int(i) not in self._special_ids],
+                            skip_special_tokens=False)
+
+
+def load_tokenizer(path: str):
+  """A tokenizer.json (Hugging Face) or a SentencePiece .model, by its file name."""
+  return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
+
 def _training_chunks(texts, max_training_chars: int):
   """Cuts texts into sentences of <= _CHUNK_CHARS chars (SentencePiece skips longer
   sentences) and stops after max_training_chars: training time grows with the input."""
@@ -292,11 +350,15 @@ def train_tokenizer(out_path: str, corpus: str, vocab_size: int, heldout_fractio
 
 def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_size: int,
                             heldout_fraction: float, text_field: str = "text",
-                            max_training_chars: int = 20_000_000) -> Tokenizer:
-  """The tokenizer of a run: `model_path` if given; else WORKDIR/tokenizer.model if a
-  previous run cached it (so a resumed run gets the identical tokenizer); else train one."""
+                            max_training_chars: int = 20_000_000):
+  """The tokenizer of a run: `model_path` if given; else the workdir's own: the tokenizer.json
+  of an imported checkpoint (evo_jax/convert.py), or WORKDIR/tokenizer.model if a previous run
+  cached it (so a resumed run gets the identical tokenizer); else train one."""
   if model_path:
-    return Tokenizer(model_path)
+    return load_tokenizer(model_path)
+  imported = os.path.join(workdir, HF_TOKENIZER_FILE)
+  if os.path.isfile(imported):
+    return HFTokenizer(imported)
   cached = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.isfile(cached):
     tok = Tokenizer(cached)

@@ -18,6 +18,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from evo_jax.errors import ConfigError
 
@@ -27,6 +28,7 @@ from evo_jax.sharding import constrain
 TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
 ATTENTIONS = ("dense", "chunked")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rematerialisation: `none` keeps every activation; `full` keeps only each block's input and
 # recomputes the rest in the backward pass; `dots` keeps the matmul outputs (no batch dims).
@@ -47,7 +49,14 @@ class ModelConfig:
   head_dim: int = 0          # 0: d_model // n_heads
   d_ff: int = 384
   rope_theta: float = 10000.0
+  rope_scaling: str = "none"  # none | linear | llama3: see rope_frequencies
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0     # llama3 only
+  rope_high_freq_factor: float = 4.0    # llama3 only
+  rope_original_max_position: int = 8192  # llama3 only: the context of the unscaled model
   norm_eps: float = 1e-6
+  qkv_bias: bool = False     # biases on the q, k, v projections (Qwen2)
+  qk_norm: bool = False      # RMSNorm of each query and key head before RoPE (Qwen3)
   time_cond: str = "adaln"
   time_rank: int = 64        # adaln_lowrank only
   time_dim: int = 128        # width of the time embedding c
@@ -69,6 +78,9 @@ class ModelConfig:
       raise ConfigError(f"model.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     if self.attention not in ATTENTIONS:
       raise ConfigError(f"model.attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ConfigError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, "
+                        f"got {self.rope_scaling!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:
@@ -84,6 +96,16 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
 
+# The parameters of the time conditioning and the time head: what a model adapted from a
+# pretrained AR model adds to it (its learning-rate group: train.make_optimizer).
+TIME_PARAMS = ("time_embed", "time_in", "modulation", "final_modulation", "time_head")
+
+
+def is_time_param(path):
+  """Whether a parameter (its tree path of dict keys) belongs to the time conditioning."""
+  return any(getattr(key, "key", None) in TIME_PARAMS for key in path)
+
+
 def from_config(cfg) -> ModelConfig:
   return ModelConfig(**cfg.to_dict())
 
@@ -97,20 +119,39 @@ zeros = nn.initializers.zeros_init()
 
 class RMSNorm(nn.Module):
   eps: float = 1e-6
+  axis_name: str = "embed"   # the logical name of the normalised (last) axis
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", _init(nn.initializers.ones_init(), "embed"), (x.shape[-1],))
+    scale = self.param("scale", _init(nn.initializers.ones_init(), self.axis_name),
+                       (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * scale).astype(x.dtype)
 
 
-def apply_rope(x_BxTxNxH, positions_BxT, theta):
+def rope_frequencies(cfg):
+  """The H/2 rotary frequencies, computed as Hugging Face LLaMA/Qwen compute them: theta's
+  geometric series, divided by rope_factor (`linear`), or LLaMA-3's scaling (`llama3`): long
+  wavelengths divided by the factor, short ones kept, a smooth blend in between."""
+  H = cfg.head_size
+  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H)
+  if cfg.rope_scaling == "linear":
+    inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    wavelen = 2 * math.pi / inv_freq
+    old_context = cfg.rope_original_max_position
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > old_context / low, inv_freq / cfg.rope_factor,
+                        np.where(wavelen < old_context / high, inv_freq, blended))
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, inv_freq_F):
   """Rotary embedding, rotating the two halves of each head (the LLaMA/HF layout)."""
-  H = x_BxTxNxH.shape[-1]
-  freqs = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
-  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * freqs
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq_F
   sin = jnp.sin(angles_BxTxF)[:, :, None, :]
   cos = jnp.cos(angles_BxTxF)[:, :, None, :]
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
@@ -133,13 +174,17 @@ class Attention(nn.Module):
     H, N, K = cfg.head_size, cfg.n_heads, cfg.n_kv_heads
     init = nn.initializers.lecun_normal()
     dense = lambda feats, name, names: nn.DenseGeneral(
-        feats, use_bias=False, dtype=cfg.compute_dtype, name=name,
-        kernel_init=_init(init, *names))
+        feats, use_bias=cfg.qkv_bias, dtype=cfg.compute_dtype, name=name,
+        kernel_init=_init(init, *names), bias_init=_init(zeros, *names[1:]))
     q = dense((N, H), "q", ("embed", "heads", "head_dim"))(x_BxTxD)
     k = dense((K, H), "k", ("embed", "kv_heads", "head_dim"))(x_BxTxD)
     v = dense((K, H), "v", ("embed", "kv_heads", "head_dim"))(x_BxTxD)
-    q = apply_rope(q, positions_BxT, cfg.rope_theta)
-    k = apply_rope(k, positions_BxT, cfg.rope_theta)
+    if cfg.qk_norm:
+      q = RMSNorm(cfg.norm_eps, axis_name="head_dim", name="q_norm")(q)
+      k = RMSNorm(cfg.norm_eps, axis_name="head_dim", name="k_norm")(k)
+    inv_freq = rope_frequencies(cfg)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
     keys, values, mask = k, v, mask_BxTxT
     if cache is not None:
       # Keys are stored rotated, so a cached position never needs its RoPE angle again.

@@ -49,12 +49,18 @@ def learning_rate_fn(ocfg, total_steps):
 
 def make_optimizer(ocfg, total_steps):
   """AdamW with warm-up, cosine decay and global-norm clipping; no decay on vectors (norms,
-  biases)."""
+  biases). optim.pretrained_lr_scale != 1 scales the steps of every parameter but the time
+  conditioning and time head (model.is_time_param): the learning-rate groups of a model
+  adapted from a pretrained AR one, whose backbone moves slower than its new parameters."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(ocfg.clip_norm),
-      optax.adamw(learning_rate_fn(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
-                  weight_decay=ocfg.weight_decay, mask=decay_mask))
+  parts = [optax.clip_by_global_norm(ocfg.clip_norm),
+           optax.adamw(learning_rate_fn(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
+                       weight_decay=ocfg.weight_decay, mask=decay_mask)]
+  if ocfg.pretrained_lr_scale != 1.0:
+    pretrained = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not model_lib.is_time_param(path), params)
+    parts.append(optax.masked(optax.scale(ocfg.pretrained_lr_scale), pretrained))
+  return optax.chain(*parts)
 
 
 def init_params(model, rng, seq_len=8, unbox=True):
@@ -181,7 +187,8 @@ class Trainer:
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
         cfg.data.heldout_fraction, cfg.data.text_field)
-    if self.tokenizer.vocab_size != cfg.model.vocab_size:
+    # More embedding rows than pieces is fine: HF checkpoints pad their vocabularies.
+    if self.tokenizer.vocab_size > cfg.model.vocab_size:
       raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} "
                         f"pieces but model.vocab_size={cfg.model.vocab_size}")
     self.model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
@@ -250,6 +257,9 @@ class Trainer:
     start = ckpts.latest_step()
     if start is None:
       state, start = self._init(jax.random.key(cfg.seed)), 0
+    elif not ckpts.has_data(start):  # an imported model (evo_jax/convert.py): data starts fresh
+      state = ckpts.restore(start, self.abstract_state)
+      log(f"starting from the weights in {ckpts.directory}/{start}")
     else:
       state = ckpts.restore(start, self.abstract_state, data_iter)
       log(f"resumed from {ckpts.directory}/{start}")
