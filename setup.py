@@ -26,5 +26,10 @@ setup(
         # the tests draw one.
         "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "matplotlib>=3.7"],
+        # TPU VMs (launch/tpu_pod.sh); on any machine, libtpu also lets `python -m evo_jax.aot`
+        # compile for TPU topologies it does not have.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # GPU nodes (launch/slurm.sbatch).
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
     },
 )
