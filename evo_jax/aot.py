@@ -315,7 +315,9 @@ def format_report(cfg, r: Report, step_time=None) -> str:
   gib = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB / 10 else f"{b / 2 ** 20:8.2f} MiB"
   how = ("compiled by libtpu for compile-only devices" if r.compiled else
          "ANALYTIC ESTIMATE, not a compile: XLA's GPU compiler needs the CUDA plugin and a GPU "
-         "target description, which this machine lacks")
+         "target description, which this machine lacks. It assumes the ideal layout (activations "
+         "split over the batch, one layer's attention live at a time): a lower bound; compile "
+         "the same config for a TPU topology to see what XLA actually allocates")
   lines = [
       f"{t.name}: {t.n_devices} x {chip.name} ({chip.hbm_bytes / GiB:.1f} GiB HBM each), "
       f"mesh {r.mesh_shape}",
