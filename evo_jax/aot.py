@@ -136,9 +136,13 @@ def tpu_devices(target: Target):
   # Compiling touches no chip, so another JAX process holding libtpu's lock is no obstacle.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
-  # Full slices (64 chips and up) are tori: every side of 4 or more wraps around.
+  # Which sides are tori (wrap around), as on Cloud TPU: on v4/v5p every side of slices of 64
+  # chips and more; on v5e/v6e a side of 16 (the full pod's).
   grid3 = (*target.grid, 1, 1)[:3]
-  wrap = tuple(side >= 4 and target.n_devices >= 64 for side in grid3)
+  if target.chip.grid_dims == 3:
+    wrap = tuple(side >= 4 and target.n_devices >= 64 for side in grid3)
+  else:
+    wrap = tuple(side == 16 for side in grid3)
   try:
     topo = topologies.get_topology_desc(target.libtpu_name, "tpu", wrap=wrap)
   except Exception as e:  # libtpu missing or refusing the name: say which, in one line
@@ -280,9 +284,10 @@ def compile_tpu(cfg, target: Target) -> Report:
 
 def estimate_gpu(cfg, target: Target) -> Report:
   """Analytic per-device memory for a GPU cluster (no compiler involved): the sharded train
-  state (float32 parameters, gradients and two Adam moments: 16 bytes a parameter), what the
-  backward pass keeps per layer under the remat policy, one layer's attention scores and
-  probabilities (float32) and MLP activations, and the logits with their gradient."""
+  state (float32 parameters and two Adam moments) and batch as arguments; as temporaries the
+  float32 gradients, what the backward pass keeps per layer under the remat policy, one
+  layer's float32 attention scores and probabilities and MLP activations, and the float32
+  logits with their gradient."""
   sizes = sharding.mesh_shape(cfg.mesh, target.n_devices)
   shapes = jax.eval_shape(lambda r: train.init_params(
       model_lib.EvoTransformer(model_lib.from_config(cfg.model)), r), jax.random.key(0))
@@ -303,10 +308,12 @@ def estimate_gpu(cfg, target: Target) -> Report:
                     "none": rows * P * matmul_outputs * act + scores}[m.remat]
   working = scores + rows * P * 3 * m.d_ff / tp * act
   logits = rows * P * m.vocab_size / tp * 4 * 3
-  state = 16 * n_params / (sizes["fsdp"] * tp)
-  return Report(target, sizes, n_params, False, arguments=state + 3 * rows * P * 4,
+  shards = sizes["fsdp"] * tp
+  state, grads = 12 * n_params / shards, 4 * n_params / shards
+  batch = 3 * cfg.data.batch_size // data_parallel * cfg.data.seq_len * 4
+  return Report(target, sizes, n_params, False, arguments=state + batch,
                 outputs=state, aliased=state,
-                temporaries=m.n_layers * kept_per_layer + working + logits,
+                temporaries=grads + m.n_layers * kept_per_layer + working + logits,
                 flops_model=model_flops(cfg, n_params) / target.n_devices)
 
 
