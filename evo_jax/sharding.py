@@ -7,6 +7,7 @@ replicated data parallelism, FSDP (parameters and optimizer state split over `fs
 parallelism are all settings of the same code. Batches are split over the data-like axes;
 activations carry logical names too (batch, length, embed, vocab) under the same rules.
 """
+import contextlib
 import contextvars
 import math
 
@@ -69,16 +70,28 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names, rules=rules, mesh=mesh)
 
 
-def traced_under_rules(fn, mesh: Mesh, rules):
-  """fn (a jitted function) traced with the mesh and logical rules in scope, so that the
-  activation constraints (`constrain`) take effect."""
-  def call(*args):
-    token = _activation_sharding.set((mesh, rules))
+class traced_under_rules:
+  """A jitted function whose tracing (a call or `.lower`) sees the mesh and logical rules, so
+  that the activation constraints (`constrain`) take effect."""
+
+  def __init__(self, jitted, mesh: Mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  @contextlib.contextmanager
+  def _in_scope(self):
+    token = _activation_sharding.set((self.mesh, self.rules))
     try:
-      return fn(*args)
+      yield
     finally:
       _activation_sharding.reset(token)
-  return call
+
+  def __call__(self, *args):
+    with self._in_scope():
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with self._in_scope():
+      return self.jitted.lower(*args)
 
 
 def data_size(mesh: Mesh) -> int:

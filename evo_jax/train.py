@@ -126,6 +126,17 @@ def make_train_step(model, tx, cfg):
   return train_step
 
 
+def jit_train_step(model, tx, cfg, mesh, state_sharding):
+  """The train step as it runs: sharded state in and out (donated), the batch split over the
+  data axes, activations constrained by the logical rules. Shared by the Trainer and by
+  ahead-of-time compilation (evo_jax/aot.py)."""
+  return sharding.traced_under_rules(
+      jax.jit(make_train_step(model, tx, cfg),
+              in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+              out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0),
+      mesh, sharding.logical_rules(cfg.sharding.rules))
+
+
 def make_measure(model, cfg):
   """measure(params, batch, rng) -> sums for the bound (each W in bound.windows) and the
   AR-path NLL; used on training batches at log steps and on the held-out split."""
@@ -205,10 +216,7 @@ class Trainer:
     self.abstract_state = checkpoint.abstract_like(abstract, self.state_sharding)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_sh = sharding.batch_sharding(self.mesh)
-    self._step = sharding.traced_under_rules(
-        jax.jit(make_train_step(self.model, self.tx, cfg),
-                in_shardings=(self.state_sharding, batch_sh),
-                out_shardings=(self.state_sharding, repl), donate_argnums=0), self.mesh, rules)
+    self._step = jit_train_step(self.model, self.tx, cfg, self.mesh, self.state_sharding)
     self._measure = sharding.traced_under_rules(
         jax.jit(make_measure(self.model, cfg),
                 in_shardings=(self.state_sharding.params, batch_sh, repl),
