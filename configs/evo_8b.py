@@ -25,17 +25,14 @@ def get_config():
       attention="chunked",   # the 8192-long two-stream attention a block of queries at a time
       attention_chunk=1024,
   )
-  # 1024 x 4096 tokens (4M, LLaMA's batch) per step. The layout is the one measured to fit a
-  # v5p-128 (64 chips) with the current dense attention (README, "Scaling out": 67.7 of 95 GiB
-  # per chip): FSDP over 8 x tensor parallelism over 8 chips, 128 micro-batches of 8 rows, so
-  # each tensor-parallel group holds one row and each chip 4 of the 32 heads. Pure FSDP
-  # (tensor=1) needed 383 GiB per chip: re-measure it with the chunked attention, where far
-  # fewer micro-batches should fit. On N chips keep batch_size divisible by
-  # grad_accum_steps x N / tensor (sharding.check_batch_size says so when it is not). On
-  # 8-GPU nodes tensor=8 keeps the tensor-parallel traffic inside a node (NVLink).
+  # 1024 x 4096 tokens (4M, LLaMA's batch) per step. Pure FSDP over every chip in 4
+  # micro-batches: on a v5p-128 (64 chips) each chip holds 1/64 of the state and 4 rows per
+  # micro-batch; `python -m evo_jax.aot` measures 47.8 of 95 GiB per chip (README, "Large
+  # configs"). On N chips keep batch_size divisible by grad_accum_steps x N (check_batch_size
+  # says so when it is not); more micro-batches trade speed for memory (16: 14.9 GiB).
   c.data.update(seq_len=4096, batch_size=1024, tokenizer="", shuffle_rows=16384)
-  c.train.grad_accum_steps = 128
-  c.mesh.update(data=1, fsdp=-1, tensor=8)
+  c.train.grad_accum_steps = 4
+  c.mesh.update(data=1, fsdp=-1, tensor=1)
   # 250k steps x 4M tokens = 1T tokens; LLaMA-style AdamW.
   c.optim.update(lr=3e-4, warmup_steps=2000, decay_steps=0, min_lr_ratio=0.1,
                  weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0)
