@@ -22,11 +22,11 @@ def get_config():
       attention_chunk=1024,
   )
   # 2048-token rows (the two-stream step attends over 4096 positions); 1024 rows = 2M tokens
-  # per step in 64 micro-batches: one row per chip per micro-batch on 16 chips (v5p-32), the
-  # layout measured to fit with the current dense attention (README, "Scaling out": 80.4 of
-  # 95 GiB per chip). Re-measure with the chunked attention: fewer micro-batches should fit.
+  # per step in 16 micro-batches: 4 rows per chip per micro-batch on 16 chips (v5p-32), pure
+  # FSDP (README, "Large configs": `python -m evo_jax.aot` measures it; 8 micro-batches need
+  # 85.2 of 95 GiB per chip, too close to the limit).
   c.data.update(seq_len=2048, batch_size=1024, tokenizer="", shuffle_rows=16384)
-  c.train.grad_accum_steps = 64
+  c.train.grad_accum_steps = 16
   c.mesh.update(data=1, fsdp=-1, tensor=1)
   # 250k steps x 2M tokens = 500B tokens.
   c.optim.update(lr=4e-4, warmup_steps=2000, decay_steps=0, min_lr_ratio=0.1,
