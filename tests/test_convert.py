@@ -83,7 +83,7 @@ def clean_logits(model, params, tokens_BxT):
 
 def hf_logits(hf_model, tokens_BxT):
   with torch.no_grad():
-    return hf_model(torch.as_tensor(np.asarray(tokens_BxT))).logits.numpy()
+    return hf_model(torch.as_tensor(np.array(tokens_BxT))).logits.numpy()   # a writable copy
 
 
 def safetensors_of(directory):
