@@ -16,12 +16,14 @@ from evo_jax import metrics
 from evo_jax import model as model_lib
 from evo_jax import sampler
 from evo_jax import schedule
+from evo_jax import sharding
 from evo_jax import train
 from evo_jax.checkpoint import CheckpointError
 
 
-def load_run(workdir):
-  """-> (config, model, params, tokenizer, step) from the latest checkpoint in workdir."""
+def load_run(workdir, mesh=None):
+  """-> (config, model, params, tokenizer, step) from the latest checkpoint in workdir, its
+  state laid out on `mesh` (default: one device), whatever mesh it was saved from."""
   saved = checkpoint.read_config(workdir)
   if saved is None:
     raise CheckpointError(f"no run in {workdir}: {checkpoint.CONFIG_FILE} not found")
@@ -32,9 +34,11 @@ def load_run(workdir):
     raise CheckpointError(f"no checkpoint in {ckpts.directory}")
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
   tx = train.make_optimizer(cfg.optim, cfg.train.steps)
+  if mesh is None:
+    mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  shardings = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
   abstract = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = checkpoint.abstract_like(abstract, jax.tree.map(lambda _: device, abstract))
+  abstract = checkpoint.abstract_like(abstract, shardings)
   try:
     state = ckpts.restore(step, abstract)
   except (ValueError, KeyError) as e:

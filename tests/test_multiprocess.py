@@ -10,16 +10,13 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO
-from evo_jax import checkpoint
+from evo_jax import decode
 from evo_jax import metrics
-from evo_jax import model as model_lib
 from evo_jax import sharding
-from evo_jax import train
 
 STEPS = 12
 
@@ -71,19 +68,9 @@ def test_each_process_reads_its_own_rows(straight_run):
   assert len(set(everything)) > 0.9 * len(everything)       # no process re-reads the other's data
 
 
-def saved_params(workdir, step, mesh_cfg, devices):
-  """Parameters of the checkpoint at `step`, restored in this single process onto a mesh."""
-  cfg = ml_collections.ConfigDict(checkpoint.read_config(str(workdir)))
-  cfg.mesh.update(mesh_cfg)
-  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  shardings = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
-  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
-  ckpts = checkpoint.RunCheckpoints(str(workdir), async_save=False)
-  state = ckpts.restore(step, checkpoint.abstract_like(abstract, shardings))
-  ckpts.close()
-  return state.params
+def saved_params(workdir, mesh_cfg, devices):
+  """Parameters of the latest checkpoint, restored in this single process onto a mesh."""
+  return decode.load_run(str(workdir), sharding.make_mesh(mesh_cfg, devices))[2]
 
 
 def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_tokenizer,
@@ -111,9 +98,8 @@ def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_to
     assert a[step] == b[step], step
 
   # Saved by 2 processes on a (data 4, fsdp 2) mesh; restored here on other meshes.
-  reference = saved_params(straight_run, STEPS, dict(data=1, fsdp=1, tensor=1),
-                           jax.devices()[:1])
+  reference = saved_params(straight_run, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   for mesh_cfg in (dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)):
     for x, y in zip(jax.tree.leaves(reference),
-                    jax.tree.leaves(saved_params(workdir, STEPS, mesh_cfg, jax.devices()))):
+                    jax.tree.leaves(saved_params(workdir, mesh_cfg, jax.devices()))):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
