@@ -1,4 +1,41 @@
+import glob
+import os
+import zipfile
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+# Python runs this line at start-up from site-packages, which lets the bare `lm_eval --model
+# evo_jax` command find our model (evo_jax/lm_eval_plugin.py says how). The name sorts after
+# setuptools' `__editable__*.pth`, which must put evo_jax on the path first.
+PTH_NAME = "evo_jax_lm_eval.pth"
+# Quiet if the package is gone (say, an editable install whose clone was deleted): site.py
+# would otherwise print a traceback at every start-up.
+PTH_LINE = ('import sys; exec("try: import evo_jax.lm_eval_plugin as plugin\\n'
+            'except ImportError: pass\\nelse: plugin.install()")\n')
+
+
+class BuildPyWithPth(build_py):
+  """Regular wheels: a file at the root of build_lib lands in site-packages."""
+
+  def run(self):
+    super().run()
+    if not self.editable_mode:
+      with open(os.path.join(self.build_lib, PTH_NAME), "w") as f:
+        f.write(PTH_LINE)
+
+
+class EditableWheelWithPth(editable_wheel):
+  """`pip install -e`: the editable wheel leaves build_lib out, so add the file to the wheel."""
+
+  def run(self):
+    super().run()
+    for wheel in glob.glob(os.path.join(self.dist_dir, "*.editable-*.whl")):
+      with zipfile.ZipFile(wheel, "a") as zf:
+        if PTH_NAME not in zf.namelist():
+          zf.writestr(PTH_NAME, PTH_LINE)
+
 
 setup(
     name="evo_jax",
@@ -9,6 +46,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["evo_jax", "evo_jax.*"]),
     package_data={"evo_jax": ["reference_results.json"]},
+    cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
     install_requires=[
         # Upper bounds: these libraries change their APIs between minor releases.
         "jax>=0.10.2,<0.11",

@@ -1,14 +1,12 @@
 """An lm-evaluation-harness model for evo_jax runs, registered as `evo_jax`.
 
-    python -m evo_jax.harness --model evo_jax --model_args workdir=DIR,policy=evo \
-        --tasks hellaswag [any other lm_eval option]
+    lm_eval --model evo_jax --model_args workdir=DIR,policy=evo --tasks hellaswag [...]
 
-is the `lm_eval` command line with this model registered. lm-eval 0.4.13 finds models only in its
-own registry (lm_eval/models/__init__.py lists them by hand; there is no entry-point group for
-plugins), so a model from another package must be registered by importing it before the
-harness runs: this module does that and then hands the command line to lm_eval's own
-`cli_evaluate`. From Python, `import evo_jax.harness` and pass `model="evo_jax"` (or an
-`EvoLM` instance) to `lm_eval.simple_evaluate`.
+works once evo_jax is installed: evo_jax/lm_eval_plugin.py registers this class with lm-eval
+(0.4.13 has no plugin discovery of its own). Without an install, `python -m evo_jax.harness`
+takes the same arguments: it imports this module, whose decorator registers the model, and
+hands the command line to lm_eval's own `cli_evaluate`. From Python, `import evo_jax.harness`
+and pass `model="evo_jax"` (or an `EvoLM` instance) to `lm_eval.simple_evaluate`.
 
 model_args: workdir (required), policy (ar | diffusion | block | evo; default evo), batch_size,
 seed, temperature (used when a request samples), top_p, max_gen_toks (default 256), and any

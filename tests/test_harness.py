@@ -1,8 +1,11 @@
 """The lm-evaluation-harness model (evo_jax/harness.py), offline, on a task defined here: a YAML
 multiple-choice task over a local JSONL file. Its log-likelihoods must be those of
 `evaluate --task choice` on the same file."""
+import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -38,24 +41,56 @@ def lm(tiny_run):
   return harness.EvoLM(workdir=tiny_run, policy="ar", batch_size=4)
 
 
-def test_lm_eval_loglikelihoods_equal_evaluate_choice(tiny_run, lm, tmp_path):
+def lm_eval_command():
+  """The `lm_eval` console script of this environment (where pip put it, beside python)."""
+  script = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+  return [script] if os.path.exists(script) else [sys.executable, "-m", "lm_eval"]
+
+
+def test_bare_lm_eval_command_loglikelihoods_equal_evaluate_choice(tiny_run, tmp_path):
+  """`lm_eval --model evo_jax` as a user types it: the model is found through the
+  evo_jax_lm_eval.pth that setup.py installs (evo_jax/lm_eval_plugin.py)."""
+  data = tmp_path / "questions.jsonl"
+  data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  (tasks / "task.yaml").write_text(TASK_YAML.format(path=data))
+  ours = evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file", str(data),
+                        "--batch_size", "4", "--output", str(tmp_path / "choice.json")])
+  proc = subprocess.run(
+      lm_eval_command() + ["--model", "evo_jax", "--model_args", f"workdir={tiny_run},policy=ar",
+                           "--tasks", "evo_local_choice", "--include_path", str(tasks),
+                           "--batch_size", "4", "--log_samples",
+                           "--output_path", str(tmp_path / "out")],
+      capture_output=True, text=True, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  [samples_file] = glob.glob(str(tmp_path / "out" / "**" / "samples_*.jsonl"), recursive=True)
+  [results_file] = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
+  samples = sorted(map(json.loads, open(samples_file)), key=lambda s: s["doc_id"])
+  assert len(samples) == len(QUESTIONS)
+  for s, ex in zip(samples, ours["examples"]):
+    assert [float(r[0][0]) for r in s["resps"]] == pytest.approx(ex["logprobs"], rel=1e-5,
+                                                                abs=1e-5)
+    assert [r[0][1] in (True, "True") for r in s["resps"]] == ex["is_greedy"]
+  results = json.load(open(results_file))["results"]["evo_local_choice"]
+  assert results["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+
+
+def test_simple_evaluate_after_import(tiny_run, lm, tmp_path):
+  """From Python, `import evo_jax.harness` registers the model for lm_eval.simple_evaluate."""
   import lm_eval
   from lm_eval.tasks import TaskManager
   data = tmp_path / "questions.jsonl"
-  data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+  data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS[:1]))
   (tmp_path / "task.yaml").write_text(TASK_YAML.format(path=data))
-  ours = evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file", str(data),
-                        "--batch_size", "4", "--output", str(tmp_path / "choice.json")])
   out = lm_eval.simple_evaluate(model="evo_jax", model_args=f"workdir={tiny_run},policy=ar",
                                 tasks=["evo_local_choice"], batch_size=4, log_samples=True,
                                 task_manager=TaskManager(include_path=str(tmp_path)))
-  samples = sorted(out["samples"]["evo_local_choice"], key=lambda s: s["doc_id"])
-  assert len(samples) == len(QUESTIONS)
-  for s, ex in zip(samples, ours["examples"]):
-    theirs = [resp[0][0] for resp in s["resps"]]
-    assert theirs == pytest.approx(ex["logprobs"], rel=1e-5, abs=1e-5)
-    assert [resp[0][1] for resp in s["resps"]] == ex["is_greedy"]
-  assert out["results"]["evo_local_choice"]["acc,none"] == pytest.approx(ours["metrics"]["acc"])
+  [sample] = out["samples"]["evo_local_choice"]
+  pairs = [evaluate.encode_pair(lm.tokenizer, QUESTIONS[0]["context"], c)
+           for c in QUESTIONS[0]["choices"]]
+  assert [r[0][0] for r in sample["resps"]] == pytest.approx(
+      [s.logprob for s in lm.scorer.score(pairs)], rel=1e-6, abs=1e-6)
   assert type(lm).__name__ == "EvoLM"
 
 
