@@ -8,15 +8,18 @@ the run would execute, on the mesh `sharding.make_mesh` builds from the config. 
 XLA's per-device buffer assignment (arguments, outputs, temporaries, code) against the chip's
 HBM, and the FLOPs per step from XLA's cost analysis beside the analytic 6 N tokens estimate.
 
-GPU forms (`--topology gpu:h100x8`, `--gpus 8`) cannot be compiled here: XLA's GPU compiler
-needs the CUDA plugin (and a target description of the GPU), which a CPU machine does not have.
-For those the report is an analytic estimate, and says so.
+GPU forms (`--topology gpu:h100x8`, `--gpus 8`) are compiled by XLA for this machine's GPUs
+when it has at least that many of that kind (run it on one node of the cluster), and then
+`--time_steps N` also runs the step N times on random tokens and reports the median step time
+and the MFU. Elsewhere XLA's GPU compiler cannot run (it needs the CUDA plugin and the GPU), so
+the report is an analytic estimate, and says so.
 """
 import dataclasses
 import math
 import os
 import re
 import resource
+import statistics
 import sys
 import time
 import types
@@ -151,21 +154,32 @@ def tpu_devices(target: Target):
   return topo.devices
 
 
-def build_step(cfg, devices):
-  """(jitted step, abstract state, abstract batch, parameter count) for a mesh over devices,
-  from shapes only: nothing is allocated, so an 8B model is lowered on a laptop."""
+@dataclasses.dataclass
+class Step:
+  """The train step for a mesh over devices, from shapes only: nothing is allocated, so an 8B
+  model is lowered on a laptop. `init` makes the real state, where the devices are real."""
+  fn: object            # the jitted step, as train.Trainer runs it
+  state: object         # abstract sharded train state
+  batch: dict           # abstract sharded batch
+  mesh: object
+  n_params: int
+  init: object          # key -> sharded train state
+
+
+def build_step(cfg, devices) -> Step:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch_size(mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
   tx = train.make_optimizer(cfg.optim, cfg.train.steps)
   state_sh = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
   shapes = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(cfg.seed))
-  state = checkpoint.abstract_like(shapes, state_sh)
   row = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                              sharding=sharding.batch_sharding(mesh))
-  batch = {"tokens": row, "segment_ids": row, "positions": row}
-  n_params = sum(x.size for x in jax.tree.leaves(shapes.params))
-  return train.jit_train_step(model, tx, cfg, mesh, state_sh), state, batch, mesh, n_params
+  return Step(train.jit_train_step(model, tx, cfg, mesh, state_sh),
+              checkpoint.abstract_like(shapes, state_sh),
+              {"tokens": row, "segment_ids": row, "positions": row}, mesh,
+              sum(x.size for x in jax.tree.leaves(shapes.params)),
+              jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=state_sh))
 
 
 def model_flops(cfg, n_params: int) -> float:
@@ -228,6 +242,7 @@ class Report:
   flops_model: float = 0.0         # per device, model_flops / devices
   compile_seconds: float = 0.0
   host_rss_gib: float = 0.0
+  step_seconds: float = 0.0        # > 0: the median of steps run on this machine's devices
   oom_limit: float = 0.0           # > 0: libtpu refused the program, the HBM it had
 
   @property
@@ -251,24 +266,37 @@ def shard_bytes(tree) -> float:
              for x in jax.tree.leaves(tree))
 
 
-def compile_tpu(cfg, target: Target) -> Report:
-  devices = tpu_devices(target)
-  step, state, batch, mesh, n_params = build_step(cfg, devices)
-  report = Report(target, dict(mesh.shape), n_params, True,
-                  flops_traced=matmul_flops(jax.make_jaxpr(step)(state, batch).jaxpr)
-                  / target.n_devices,
-                  flops_model=model_flops(cfg, n_params) / target.n_devices)
+def local_gpus(target: Target):
+  """The first n_devices GPUs of this machine if it has that many of the target's kind."""
+  try:
+    gpus = jax.devices("gpu")
+  except RuntimeError:                  # no GPU backend here
+    return None
+  key = next(k for k, chip in GPU_CHIPS.items() if chip is target.chip)
+  if len(gpus) < target.n_devices or key.upper() not in gpus[0].device_kind.upper():
+    return None
+  return gpus[:target.n_devices]
+
+
+def compile_step(cfg, target: Target, devices, time_steps=0) -> Report:
+  """XLA's buffer assignment and cost analysis of the step compiled for devices; with
+  time_steps > 0 (real devices only) also the median time of that many steps."""
+  step = build_step(cfg, devices)
+  report = Report(target, dict(step.mesh.shape), step.n_params, True,
+                  flops_traced=matmul_flops(jax.make_jaxpr(step.fn)(step.state, step.batch)
+                                            .jaxpr) / target.n_devices,
+                  flops_model=model_flops(cfg, step.n_params) / target.n_devices)
   start = time.perf_counter()
   try:
-    compiled = step.lower(state, batch).compile()
+    compiled = step.fn.lower(step.state, step.batch).compile()
   except jax.errors.JaxRuntimeError as e:
     oom = HBM_OOM.search(str(e))
     if not oom:
       raise
     # No buffer assignment to read: the state shard is computed, the temporaries quoted.
     report.oom_limit = float(oom.group(3)) * UNITS[oom.group(4)]
-    report.arguments = shard_bytes((state, batch))
-    report.outputs = report.aliased = shard_bytes(state)
+    report.arguments = shard_bytes((step.state, step.batch))
+    report.outputs = report.aliased = shard_bytes(step.state)
     report.temporaries = float(oom.group(1)) * UNITS[oom.group(2)]
   else:
     mem = compiled.memory_analysis()
@@ -279,7 +307,29 @@ def compile_tpu(cfg, target: Target) -> Report:
     report.code, report.flops_compiled = mem.generated_code_size_in_bytes, cost.get("flops", 0.0)
   report.compile_seconds = time.perf_counter() - start
   report.host_rss_gib = host_peak_rss_gib()
+  if time_steps and not report.oom_limit:
+    report.step_seconds = median_step_seconds(cfg, step, compiled, time_steps)
   return report
+
+
+def median_step_seconds(cfg, step: Step, compiled, n: int) -> float:
+  """Runs the compiled step n times (after one warm-up) on random tokens, as one document a
+  row: the work of a real step, whose cost does not depend on the token values."""
+  state = step.init(jax.random.key(cfg.seed))
+  shape = (cfg.data.batch_size, cfg.data.seq_len)
+  sh = step.batch["tokens"].sharding
+  tokens = jax.random.randint(jax.random.key(1), shape, 0, cfg.model.vocab_size, jnp.int32)
+  batch = {"tokens": jax.device_put(tokens, sh),
+           "segment_ids": jax.device_put(jnp.ones(shape, jnp.int32), sh),
+           "positions": jax.device_put(jnp.broadcast_to(jnp.arange(shape[1]), shape), sh)}
+  seconds = []
+  for i in range(n + 1):
+    start = time.perf_counter()
+    state, aux = compiled(state, batch)
+    jax.block_until_ready((state, aux))
+    if i:                                # the first run pays for allocation and autotuning
+      seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
 
 
 def estimate_gpu(cfg, target: Target) -> Report:
@@ -320,11 +370,14 @@ def estimate_gpu(cfg, target: Target) -> Report:
 def format_report(cfg, r: Report, step_time=None) -> str:
   t, chip = r.target, r.target.chip
   gib = lambda b: f"{b / GiB:8.2f} GiB" if b >= GiB / 10 else f"{b / 2 ** 20:8.2f} MiB"
-  how = ("compiled by libtpu for compile-only devices" if r.compiled else
-         "ANALYTIC ESTIMATE, not a compile: XLA's GPU compiler needs the CUDA plugin and a GPU "
-         "target description, which this machine lacks. It assumes the ideal layout (activations "
-         "split over the batch, one layer's attention live at a time): a lower bound; compile "
-         "the same config for a TPU topology to see what XLA actually allocates")
+  if r.compiled:
+    how = ("compiled by libtpu for compile-only devices" if chip.kind == "tpu" else
+           "compiled by XLA for this machine's GPUs")
+  else:
+    how = ("ANALYTIC ESTIMATE, not a compile: XLA's GPU compiler needs the GPUs, and this "
+           f"machine lacks {t.n_devices} x {chip.name} (run it on a node that has them). It "
+           "assumes the ideal layout (activations split over the batch, one layer's attention "
+           "live at a time)")
   lines = [
       f"{t.name}: {t.n_devices} x {chip.name} ({chip.hbm_bytes / GiB:.1f} GiB HBM each), "
       f"mesh {r.mesh_shape}",
@@ -365,15 +418,27 @@ def format_report(cfg, r: Report, step_time=None) -> str:
   lines.append(f"  step time at 100% of the {chip.peak_flops / 1e12:.0f} TFLOP/s peak: "
                f"{ideal:.2f} s ({cfg.data.batch_size * cfg.data.seq_len / ideal:,.0f} "
                f"tokens/s over the slice)")
+  if r.step_seconds:
+    lines.append(f"  measured here: median step {r.step_seconds:.3f} s "
+                 f"({cfg.data.batch_size * cfg.data.seq_len / r.step_seconds:,.0f} tokens/s)")
+  step_time = step_time or r.step_seconds
   if step_time:
     lines.append(f"  at {step_time:g} s a step: model FLOPs utilisation "
                  f"{100 * ideal / step_time:.1f}%")
   return "\n".join(lines)
 
 
-def run(cfg, topology: str, step_time=None) -> tuple[Report, str]:
+def run(cfg, topology: str, step_time=None, time_steps=0) -> tuple[Report, str]:
   target = parse_topology(topology)
-  report = compile_tpu(cfg, target) if target.chip.kind == "tpu" else estimate_gpu(cfg, target)
+  if target.chip.kind == "tpu":
+    report = compile_step(cfg, target, tpu_devices(target))
+  elif gpus := local_gpus(target):
+    report = compile_step(cfg, target, gpus, time_steps)
+  else:
+    report = estimate_gpu(cfg, target)
+  if time_steps and not report.step_seconds:
+    print(f"--time_steps: no {target.n_devices} x {target.chip.name} here to run steps on",
+          file=sys.stderr)
   return report, format_report(cfg, report, step_time)
 
 
@@ -385,12 +450,14 @@ def main(argv=None):
     target.add_argument("--topology", help="v5p-128, v4-64, v5e-256, v5p:4x4x8, gpu:h100x8")
     target.add_argument("--gpus", type=int, help="N: shorthand for --topology gpu:h100xN")
     parser.add_argument("--step_time", type=float, help="seconds a step; reports the MFU")
+    parser.add_argument("--time_steps", type=int, default=0,
+                        help="GPU topologies this machine has: run N steps, report the median")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = cli.load_config_file(args.config)
     cli.apply_overrides(cfg, rest)
     topology = args.topology or f"gpu:h100x{args.gpus}"
     print(f"{args.config}:")
-    print(run(cfg, topology, args.step_time)[1])
+    print(run(cfg, topology, args.step_time, args.time_steps)[1])
 
 
 if __name__ == "__main__":

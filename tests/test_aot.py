@@ -99,6 +99,24 @@ def test_gpu_topologies_get_a_labelled_analytic_estimate(small_cfg):
   assert "ANALYTIC ESTIMATE, not a compile" in text
 
 
+def test_real_devices_compile_and_time_the_step(small_cfg):
+  """The path a GPU node takes (`--topology gpu:h100xN` with N local GPUs), run here on four
+  CPU devices standing in for them: XLA's buffer assignment, then timed steps."""
+  cfg = tiny(small_cfg, data=2, fsdp=2)
+  target = aot.Target("stand-in", aot.GPU_CHIPS["h100"], 4)
+  step = aot.build_step(cfg, jax.devices()[:4])
+  report = aot.compile_step(cfg, target, jax.devices()[:4], time_steps=2)
+  assert report.compiled and report.mesh_shape == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert report.arguments >= aot.shard_bytes((step.state, step.batch))
+  assert report.aliased >= aot.shard_bytes(step.state) and report.temporaries > 0
+  assert report.step_seconds > 0
+  text = aot.format_report(cfg, report)
+  assert "compiled by XLA for this machine's GPUs" in text and "measured here: median step" in text
+  assert "model FLOPs utilisation" in text
+  # Where the machine has no such GPUs, the same request is the labelled estimate.
+  assert aot.local_gpus(aot.parse_topology("gpu:h100x4")) is None
+
+
 @pytest.mark.parametrize("args, message", [
     (["--topology", "v9z-8"], "unknown TPU generation 'v9z'"),
     (["--topology", "banana"], "expected e.g. v5p-128"),
