@@ -77,7 +77,7 @@ def read_config(workdir):
 
 def write_config(workdir, config_dict):
   path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"   # a writer's own: another's rename cannot take it away
   with open(tmp, "w") as f:
     json.dump(config_dict, f, indent=2, sort_keys=True)
   os.replace(tmp, path)

@@ -222,8 +222,10 @@ class Trainer:
                 in_shardings=(self.state_sharding.params, batch_sh, repl),
                 out_shardings=repl), self.mesh, rules)
     # Recorded only now that every setting has been validated, so that a mistyped first
-    # attempt does not leave a config behind that refuses the corrected command.
-    checkpoint.write_config(workdir, cfg.to_dict())
+    # attempt does not leave a config behind that refuses the corrected command. Process 0
+    # alone writes it: processes writing the shared workdir's file at once can collide.
+    if jax.process_index() == 0:
+      checkpoint.write_config(workdir, cfg.to_dict())
 
   def dataset(self, split):
     d = self.cfg.data
