@@ -27,7 +27,6 @@ import types
 import jax
 import jax.numpy as jnp
 
-from evo_jax import checkpoint
 from evo_jax import cli
 from evo_jax import model as model_lib
 from evo_jax import sharding
@@ -169,17 +168,12 @@ class Step:
 def build_step(cfg, devices) -> Step:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   sharding.check_batch_size(mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
-  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
-  state_sh = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
-  shapes = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(cfg.seed))
+  layout = train.state_layout(cfg, mesh)
   row = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                              sharding=sharding.batch_sharding(mesh))
-  return Step(train.jit_train_step(model, tx, cfg, mesh, state_sh),
-              checkpoint.abstract_like(shapes, state_sh),
-              {"tokens": row, "segment_ids": row, "positions": row}, mesh,
-              sum(x.size for x in jax.tree.leaves(shapes.params)),
-              jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=state_sh))
+  return Step(train.jit_train_step(layout.model, layout.tx, cfg, mesh, layout.shardings),
+              layout.abstract, {"tokens": row, "segment_ids": row, "positions": row}, mesh,
+              sum(x.size for x in jax.tree.leaves(layout.abstract.params)), layout.init)
 
 
 def model_flops(cfg, n_params: int) -> float:

@@ -247,10 +247,8 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
     raise ConvertError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
                        f"model's vocab_size {mcfg.vocab_size}")
 
-  model = model_lib.EvoTransformer(mcfg)
-  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
-  mesh = sharding.make_mesh(cfg.mesh)
-  shardings = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  layout = train.state_layout(cfg, sharding.make_mesh(cfg.mesh))
+  model, tx, shardings = layout.model, layout.tx, layout.shardings
   where = flax.traverse_util.flatten_dict(shardings.params)
   shapes = flax.traverse_util.flatten_dict(
       jax.eval_shape(lambda r: train.init_params(model, r), jax.random.key(0)))

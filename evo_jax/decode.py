@@ -13,7 +13,6 @@ import numpy as np
 from evo_jax import checkpoint
 from evo_jax import data
 from evo_jax import metrics
-from evo_jax import model as model_lib
 from evo_jax import sampler
 from evo_jax import schedule
 from evo_jax import sharding
@@ -32,13 +31,10 @@ def load_run(workdir, mesh=None):
   step = ckpts.latest_step()
   if step is None:
     raise CheckpointError(f"no checkpoint in {ckpts.directory}")
-  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
   if mesh is None:
     mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
-  shardings = train.state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
-  abstract = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
-  abstract = checkpoint.abstract_like(abstract, shardings)
+  layout = train.state_layout(cfg, mesh)
+  model, abstract = layout.model, layout.abstract
   try:
     state = ckpts.restore(step, abstract)
   except (ValueError, KeyError) as e:

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -84,6 +85,26 @@ def state_shardings(model, tx, mesh, rules):
   parameters, scalars are replicated."""
   boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False), jax.random.key(0))
   return sharding.tree_shardings(boxed, mesh, rules)
+
+
+class StateLayout(NamedTuple):
+  """A run's model and optimizer with where its train state lives on a mesh."""
+  model: model_lib.EvoTransformer
+  tx: optax.GradientTransformation
+  shardings: TrainState     # NamedSharding of every leaf
+  abstract: TrainState      # ShapeDtypeStructs with those shardings (for restores, lowering)
+  init: object              # key -> a fresh state, laid out so
+
+
+def state_layout(cfg, mesh) -> StateLayout:
+  """What the Trainer, checkpoint loading, import and ahead-of-time compilation all build from
+  a config: the model, the optimizer and the train state's layout on `mesh`."""
+  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+  tx = make_optimizer(cfg.optim, cfg.train.steps)
+  shardings = state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  init = lambda rng: init_state(model, tx, rng)
+  abstract = checkpoint.abstract_like(jax.eval_shape(init, jax.random.key(cfg.seed)), shardings)
+  return StateLayout(model, tx, shardings, abstract, jax.jit(init, out_shardings=shardings))
 
 
 def make_train_step(model, tx, cfg):
@@ -202,19 +223,16 @@ class Trainer:
     if self.tokenizer.vocab_size > cfg.model.vocab_size:
       raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} "
                         f"pieces but model.vocab_size={cfg.model.vocab_size}")
-    self.model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
     if cfg.model.attention == "chunked":
       attention.query_chunk(cfg.model.attention_chunk, 2 * cfg.data.seq_len)
-    self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+    layout = state_layout(cfg, self.mesh)
+    self.model, self.tx = layout.model, layout.tx
+    self.state_sharding, self.abstract_state = layout.shardings, layout.abstract
+    self._init = layout.init
     self.lr = learning_rate_fn(cfg.optim, cfg.train.steps)
 
     repl = sharding.replicated(self.mesh)
-    init = lambda rng: init_state(self.model, self.tx, rng)
-    abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
     rules = sharding.logical_rules(cfg.sharding.rules)
-    self.state_sharding = state_shardings(self.model, self.tx, self.mesh, rules)
-    self.abstract_state = checkpoint.abstract_like(abstract, self.state_sharding)
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
     batch_sh = sharding.batch_sharding(self.mesh)
     self._step = jit_train_step(self.model, self.tx, cfg, self.mesh, self.state_sharding)
     self._measure = sharding.traced_under_rules(
