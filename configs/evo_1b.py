@@ -23,7 +23,7 @@ def get_config():
   )
   # 2048-token rows (the two-stream step attends over 4096 positions); 1024 rows = 2M tokens
   # per step in 16 micro-batches: 4 rows per chip per micro-batch on 16 chips (v5p-32), pure
-  # FSDP (README, "Large configs": `python -m evo_jax.aot` measures it; 8 micro-batches need
+  # FSDP (docs/scaling.md: `python -m evo_jax.aot` measures it; 8 micro-batches need
   # 85.2 of 95 GiB per chip, too close to the limit).
   c.data.update(seq_len=2048, batch_size=1024, tokenizer="", shuffle_rows=16384)
   c.train.grad_accum_steps = 16

@@ -8,7 +8,7 @@ model (issue 6, `evo_jax.convert`); left empty, a SentencePiece model of that si
 trained on the corpus, which is rarely what one wants at this scale.
 
 Memory and speed per topology: `python -m evo_jax.aot --config configs/evo_8b.py --topology
-v5p-128` (README, "Scaling out").
+v5p-128` (docs/scaling.md, "TPU topologies, compiled ahead of time").
 """
 from evo_jax import config
 
@@ -27,9 +27,9 @@ def get_config():
   )
   # 1024 x 4096 tokens (4M, LLaMA's batch) per step. Pure FSDP over every chip in 4
   # micro-batches: on a v5p-128 (64 chips) each chip holds 1/64 of the state and 4 rows per
-  # micro-batch; `python -m evo_jax.aot` measures 47.8 of 95 GiB per chip (README, "Large
-  # configs"). On N chips keep batch_size divisible by grad_accum_steps x N (check_batch_size
-  # says so when it is not); more micro-batches trade speed for memory (16: 14.9 GiB).
+  # micro-batch; `python -m evo_jax.aot` measures 47.8 of 95 GiB per chip (docs/scaling.md).
+  # On N chips keep batch_size divisible by grad_accum_steps x N (check_batch_size says so
+  # when it is not); more micro-batches trade speed for memory (16: 14.9 GiB).
   c.data.update(seq_len=4096, batch_size=1024, tokenizer="", shuffle_rows=16384)
   c.train.grad_accum_steps = 4
   c.mesh.update(data=1, fsdp=-1, tensor=1)

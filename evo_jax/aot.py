@@ -26,13 +26,15 @@ import types
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import topologies
 
 from evo_jax import cli
 from evo_jax import model as model_lib
+from evo_jax import progress
 from evo_jax import sharding
+from evo_jax import state as state_lib
 from evo_jax import train
 from evo_jax.errors import UserError
-from evo_jax.sample import OneLineParser
 
 GiB = 1024 ** 3
 
@@ -137,7 +139,6 @@ def tpu_devices(target: Target):
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
   # Compiling touches no chip, so another JAX process holding libtpu's lock is no obstacle.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
   # Which sides are tori (wrap around), as on Cloud TPU: on v4/v5p every side of slices of 64
   # chips and more; on v5e/v6e a side of 16 (the full pod's).
   grid3 = (*target.grid, 1, 1)[:3]
@@ -151,29 +152,6 @@ def tpu_devices(target: Target):
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise TopologyError(f"libtpu cannot describe {target.libtpu_name}: {reason}") from None
   return topo.devices
-
-
-@dataclasses.dataclass
-class Step:
-  """The train step for a mesh over devices, from shapes only: nothing is allocated, so an 8B
-  model is lowered on a laptop. `init` makes the real state, where the devices are real."""
-  fn: object            # the jitted step, as train.Trainer runs it
-  state: object         # abstract sharded train state
-  batch: dict           # abstract sharded batch
-  mesh: object
-  n_params: int
-  init: object          # key -> sharded train state
-
-
-def build_step(cfg, devices) -> Step:
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  sharding.check_batch_size(mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
-  layout = train.state_layout(cfg, mesh)
-  row = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
-                             sharding=sharding.batch_sharding(mesh))
-  return Step(train.jit_train_step(layout.model, layout.tx, cfg, mesh, layout.shardings),
-              layout.abstract, {"tokens": row, "segment_ids": row, "positions": row}, mesh,
-              sum(x.size for x in jax.tree.leaves(layout.abstract.params)), layout.init)
 
 
 def model_flops(cfg, n_params: int) -> float:
@@ -275,12 +253,15 @@ def local_gpus(target: Target):
 def compile_step(cfg, target: Target, devices, time_steps=0) -> Report:
   """XLA's buffer assignment and cost analysis of the step compiled for devices; with
   time_steps > 0 (real devices only) also the median time of that many steps."""
-  step = build_step(cfg, devices)
+  step = train.build_step(cfg, devices)
   report = Report(target, dict(step.mesh.shape), step.n_params, True,
                   flops_traced=matmul_flops(jax.make_jaxpr(step.fn)(step.state, step.batch)
                                             .jaxpr) / target.n_devices,
                   flops_model=model_flops(cfg, step.n_params) / target.n_devices)
   start = time.perf_counter()
+  # The one long phase (minutes for evo_8b): say so, since it prints nothing until it ends.
+  print(f"compiling the train step for {target.name} ({target.n_devices} devices)...",
+        file=sys.stderr, flush=True)
   try:
     compiled = step.fn.lower(step.state, step.batch).compile()
   except jax.errors.JaxRuntimeError as e:
@@ -300,13 +281,14 @@ def compile_step(cfg, target: Target, devices, time_steps=0) -> Report:
     report.aliased, report.temporaries = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     report.code, report.flops_compiled = mem.generated_code_size_in_bytes, cost.get("flops", 0.0)
   report.compile_seconds = time.perf_counter() - start
+  print(f"compiled in {progress.duration(report.compile_seconds)}", file=sys.stderr, flush=True)
   report.host_rss_gib = host_peak_rss_gib()
   if time_steps and not report.oom_limit:
     report.step_seconds = median_step_seconds(cfg, step, compiled, time_steps)
   return report
 
 
-def median_step_seconds(cfg, step: Step, compiled, n: int) -> float:
+def median_step_seconds(cfg, step: train.Step, compiled, n: int) -> float:
   """Runs the compiled step n times (after one warm-up) on random tokens, as one document a
   row: the work of a real step, whose cost does not depend on the token values."""
   state = step.init(jax.random.key(cfg.seed))
@@ -333,7 +315,7 @@ def estimate_gpu(cfg, target: Target) -> Report:
   layer's float32 attention scores and probabilities and MLP activations, and the float32
   logits with their gradient."""
   sizes = sharding.mesh_shape(cfg.mesh, target.n_devices)
-  shapes = jax.eval_shape(lambda r: train.init_params(
+  shapes = jax.eval_shape(lambda r: state_lib.init_params(
       model_lib.EvoTransformer(model_lib.from_config(cfg.model)), r), jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
   # check_batch_size reads only the mesh's axis sizes.
@@ -437,8 +419,8 @@ def run(cfg, topology: str, step_time=None, time_steps=0) -> tuple[Report, str]:
 
 
 def main(argv=None):
-  with cli.user_errors():
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0])
+  with cli.command():
+    parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", required=True, help="config file, e.g. configs/evo_8b.py")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--topology", help="v5p-128, v4-64, v5e-256, v5p:4x4x8, gpu:h100x8")

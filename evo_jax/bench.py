@@ -32,15 +32,24 @@ training rows, which also start mid-document). Timings exclude compilation; each
 import dataclasses
 import json
 import math
-import os
-import platform
 import sys
+import tempfile
+import time
 
+import jax
+import ml_collections
 import numpy as np
 
+from evo_jax import backend
 from evo_jax import cli
+from evo_jax import data
+from evo_jax import decoding
+from evo_jax import measure
+from evo_jax import run as run_lib
+from evo_jax import scoring
+from evo_jax import train
 from evo_jax.errors import UserError
-from evo_jax.sample import OneLineParser
+from evo_jax.progress import Progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +60,6 @@ from evo_jax.sample import OneLineParser
 def heldout_prompts(cfg, tokenizer, n_prompts, prompt_len, continuation_len):
   """(prompt, true continuation) token lists from the middle of the first held-out documents
   long enough for both."""
-  from evo_jax import data
   out = []
   d = cfg.data
   for ref in data.corpus_documents(d.corpus, "heldout", d.heldout_fraction, d.text_field):
@@ -85,18 +93,7 @@ def quality(scorer, prompts, continuations):
   return nll, float(np.mean([token_entropy_bits(c) for c in continuations]))
 
 
-def settings_text(policy, max_new_tokens):
-  W = policy.resolved_window(max_new_tokens)
-  if policy.adaptive:
-    return (f"W={W} D=[{policy.delta_min:g},{policy.delta_max:g}]*c^{policy.sharpness:g} "
-            f"gamma={policy.gamma:g} tau={policy.tau_c:g} Nmax={policy.resolved_n_max()}"
-            + (" +t_hat" if policy.use_time_head else ""))
-  return f"W={W} K={policy.steps}"
-
-
 def run_decode(args, rest):
-  from evo_jax import decode, sampler, schedule, scoring
-  from evo_jax.sample import parse_policy
   names = [n.strip() for n in args.policies.split(",") if n.strip()]
   overrides = {n: [] for n in names}      # --evo.gamma=0.8 -> evo's --policy.gamma=0.8
   for item in rest:
@@ -105,14 +102,16 @@ def run_decode(args, rest):
       raise UserError(f"unknown argument: {item} (policy settings: --NAME.SETTING=VALUE for a "
                       f"policy in --policies)")
     overrides[name].append(f"--policy.{setting}")
-  policies = [parse_policy(n, overrides[n]) for n in names]
+  policies = [cli.parse_policy(n, overrides[n]) for n in names]
   if min(args.n_prompts, args.prompt_len, args.max_new_tokens, args.batch_size, args.repeats) < 1:
     raise UserError("n_prompts, prompt_len, max_new_tokens, batch_size and repeats must be >= 1")
-  cfg, model, params, tokenizer, step = decode.load_run(args.workdir)
-  if args.prompt_len + args.max_new_tokens > cfg.data.seq_len:
-    raise UserError(f"prompt_len + max_new_tokens = {args.prompt_len + args.max_new_tokens} "
-                    f"exceeds the model's context {cfg.data.seq_len}")
-  sched = schedule.from_config(cfg.schedule)
+  context = run_lib.read_run_config(args.workdir).data.seq_len   # checked before loading
+  if args.prompt_len + args.max_new_tokens > context:
+    raise UserError(f"--prompt_len + --max_new_tokens = {args.prompt_len + args.max_new_tokens} "
+                    f"exceeds the model's context of {context} tokens")
+  run = run_lib.load_run(args.workdir)
+  cfg, model, params, tokenizer, step = run.cfg, run.model, run.params, run.tokenizer, run.step
+  sched = run.schedule
   pairs = heldout_prompts(cfg, tokenizer, args.n_prompts, args.prompt_len, args.max_new_tokens)
   prompts = [p for p, _ in pairs]
   scorer = scoring.Scorer(model, params, cfg.data.seq_len, args.batch_size, args.seed)
@@ -122,18 +121,22 @@ def run_decode(args, rest):
   rows.append({"policy": "held-out text", "settings": "(reference)", "nll": nll, "entropy": ent})
   for policy in policies:
     samples, batch_seconds = [], 0.0
-    for i in range(0, len(prompts), args.batch_size):
-      runs = [sampler.generate(
+    starts = range(0, len(prompts), args.batch_size)
+    progress = Progress(f"policy {policy.name}", len(starts), "batches")
+    for i in starts:
+      runs = [decoding.generate(
           model, params, sched, prompts[i:i + args.batch_size], policy,
           max_new_tokens=args.max_new_tokens, context=cfg.data.seq_len,
           eos_id=tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p,
           seed=args.seed + i) for _ in range(args.repeats)]
       samples += runs[0]                       # the same seed: the same tokens every time
       batch_seconds += min(r[0].seconds for r in runs)
+      progress.advance()
+    progress.done()
     n_tokens = sum(len(s.tokens) for s in samples)
     nfe = sum(s.nfe for s in samples)
     nll, ent = quality(scorer, prompts, [s.tokens for s in samples])
-    rows.append({"policy": policy.name, "settings": settings_text(policy, args.max_new_tokens),
+    rows.append({"policy": policy.name, "settings": policy.describe(args.max_new_tokens),
                  "nfe": nfe / len(samples), "tokens_per_forward": n_tokens / max(nfe, 1),
                  "tokens_per_sec": n_tokens / max(batch_seconds, 1e-9),
                  "tokens": n_tokens / len(samples), "nll": nll, "entropy": ent,
@@ -143,30 +146,13 @@ def run_decode(args, rest):
   header = (f"decode benchmark: {args.workdir} (step {step}), {len(prompts)} held-out prompts of "
             f"{args.prompt_len} tokens, up to {args.max_new_tokens} new tokens, batch "
             f"{args.batch_size}, temperature {args.temperature:g}, top_p {args.top_p:g}, "
-            f"seed {args.seed}\nmachine: {machine()}")
+            f"seed {args.seed}\nmachine: {backend.machine()}")
   print(header)
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"header": header, "rows": rows}, f, indent=2)
   return rows
-
-
-def machine():
-  """What the timings were measured on: the accelerator, or the CPU's model and core count."""
-  import jax
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    name = platform.machine()
-    try:
-      with open("/proc/cpuinfo") as f:
-        name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-      pass
-    what = f"CPU {name}, {os.cpu_count()} cores"
-  else:
-    what = f"{jax.device_count()} x {device.device_kind}"
-  return f"{what}, jax {jax.__version__}"
 
 
 def format_table(rows):
@@ -205,21 +191,16 @@ def add_decode_args(p):
 
 def run_train(args, rest):
   """Median step time and training throughput of a config on the real data pipeline."""
-  import tempfile
-  import time
-
-  import jax
-
-  from evo_jax import train
   cfg = cli.load_config_file(args.config)
   cli.apply_overrides(cfg, rest)
   with tempfile.TemporaryDirectory() as workdir:
     trainer = train.Trainer(cfg, workdir)
-    state = trainer._init(jax.random.key(cfg.seed))
+    state = trainer.init_state(jax.random.key(cfg.seed))
     batches = iter(trainer.dataset("train"))
     state, aux = trainer.step(state, next(batches))          # compiles
     jax.block_until_ready(aux)
     seconds, tokens = [], []
+    progress = Progress("timing", args.steps, "steps")
     for _ in range(args.steps):
       batch = next(batches)
       start = time.perf_counter()
@@ -227,8 +208,10 @@ def run_train(args, rest):
       jax.block_until_ready(aux)
       seconds.append(time.perf_counter() - start)
       tokens.append(int(np.sum(batch["segment_ids"] > 0)))
+      progress.advance()
+    progress.done()
   step_s = float(np.median(seconds))
-  print(f"machine: {machine()}")
+  print(f"machine: {backend.machine()}")
   print(f"config: {args.config} {' '.join(rest)}")
   print(f"median step: {step_s * 1000:.1f} ms over {args.steps} steps | "
         f"{np.median(tokens) / step_s:,.0f} tokens/s | batch {cfg.data.batch_size} x "
@@ -246,37 +229,30 @@ def add_train_args(p):
 
 
 def run_bound(args, rest):
-  """The held-out bound of a checkpoint for several log-SNR ranges (README, "The bound")."""
-  import jax
-  import ml_collections
-
-  from evo_jax import data
-  from evo_jax import decode
-  from evo_jax import train
+  """The held-out bound of a checkpoint for several log-SNR ranges (docs/training.md, "The
+  bound")."""
   if rest:
     raise UserError(f"unknown argument: {rest[0]}")
-  cfg, model, params, tokenizer, step = decode.load_run(args.workdir)
-  d = cfg.data
-  batches = data.make_eval_batches(d.corpus, tokenizer, d.seq_len, d.batch_size, args.batches,
-                                   d.heldout_fraction, d.text_field)
-  print(f"machine: {machine()}")
-  print(f"{args.workdir} @ step {step}, {len(batches)} held-out batches; bits per token")
-  header = ["lambda_min", "lambda_max"]
-  rows = []
-  for lam_min in args.log_snr_min:
-    for lam_max in args.log_snr_max:
+  run = run_lib.load_run(args.workdir)
+  cfg, d = run.cfg, run.cfg.data
+  batches = data.make_eval_batches(d.corpus, run.tokenizer, d.seq_len, d.batch_size,
+                                   args.batches, d.heldout_fraction, d.text_field)
+  print(f"machine: {backend.machine()}")
+  print(f"{args.workdir} @ step {run.step}, {len(batches)} held-out batches; bits per token")
+  ranges = [(lo, hi) for lo in args.log_snr_min for hi in args.log_snr_max]
+  rows, keys = [], []
+  with Progress("log-SNR ranges", len(ranges)) as progress:
+    for lam_min, lam_max in ranges:
       c = ml_collections.ConfigDict(cfg.to_dict())
       c.bound.update(log_snr_min=lam_min, log_snr_max=lam_max)
-      measure = jax.jit(train.make_measure(model, c))
-      total = None
-      for i, batch in enumerate(batches):
-        sums = jax.device_get(measure(params, batch, jax.random.key(i)))
-        total = sums if total is None else jax.tree.map(np.add, total, sums)
-      summary = train.summarize(total, c.bound.windows)
+      fn = jax.jit(measure.make_measure(run.model, c))
+      summary = measure.measure_batches(lambda batch, rng: fn(run.params, batch, rng), batches,
+                                        jax.random.key(0), c.bound.windows)
       keys = [k for k in summary if k.startswith("bound_")] + ["ar_nll"]
-      header = header[:2] + keys
       rows.append([lam_min, lam_max] + [summary[k] / (math.log(2) if k == "ar_nll" else 1.0)
                                         for k in keys])
+      progress.advance()
+  header = ["lambda_min", "lambda_max"] + keys
   print(" | ".join(h.replace("_bpt", "").replace("ar_nll", "AR-path") for h in header))
   for row in rows:
     print(" | ".join(f"{v:,.3f}" for v in row))
@@ -300,16 +276,11 @@ def add_bound_args(p):
 
 def run_memory(args, rest):
   """Temporary memory of the compiled train step (one device) with dense and chunked attention,
-  for growing sequence lengths: what model.attention=chunked saves."""
-  import jax
-  import jax.numpy as jnp
-  import ml_collections
-
-  from evo_jax import model as model_lib
-  from evo_jax import train
+  for growing sequence lengths: what model.attention=chunked saves. The step is the Trainer's
+  (train.build_step: its shardings and donation), lowered from shapes only."""
   base = cli.load_config_file(args.config)
   cli.apply_overrides(base, rest)
-  print(f"machine: {machine()}")
+  print(f"machine: {backend.machine()}")
   print(f"config: {args.config} {' '.join(rest)} | batch {args.batch_size} | one device | "
         f"temporary memory of the compiled train step, MiB")
   print("seq_len | dense | chunked | dense / chunked")
@@ -317,17 +288,15 @@ def run_memory(args, rest):
     temp = {}
     for kind in ("dense", "chunked"):
       cfg = ml_collections.ConfigDict(base.to_dict())
-      cfg.data.seq_len = L
+      cfg.data.update(seq_len=L, batch_size=args.batch_size)
+      cfg.mesh.update(data=1, fsdp=1, tensor=1)
+      cfg.train.grad_accum_steps = 1
       cfg.model.update(attention=kind, attention_chunk=min(args.chunk, 2 * L))
-      model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-      tx = train.make_optimizer(cfg.optim, cfg.train.steps)
-      state = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
-      batch = {k: jax.ShapeDtypeStruct((args.batch_size, L), jnp.int32)
-               for k in ("tokens", "segment_ids", "positions")}
-      compiled = jax.jit(train.make_train_step(model, tx, cfg)).lower(state, batch).compile()
+      step = train.build_step(cfg, jax.devices()[:1])
+      compiled = step.fn.lower(step.state, step.batch).compile()
       temp[kind] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     print(f"{L} | {temp['dense']:,.1f} | {temp['chunked']:,.1f} | "
-          f"{temp['dense'] / temp['chunked']:.2f}")
+          f"{temp['dense'] / temp['chunked']:.2f}", flush=True)
 
 
 def ints(text):
@@ -346,9 +315,9 @@ COMMANDS = {"decode": (add_decode_args, run_decode), "train": (add_train_args, r
 
 
 def main(argv=None):
-  with cli.user_errors():
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0])
-    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+  with cli.command():
+    parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", parser_class=cli.OneLineParser)
     for name, (add_args, _) in COMMANDS.items():
       add_args(sub.add_parser(name))
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -1,15 +1,37 @@
 """Command-line plumbing shared by the tools: `--config FILE[:ARG]` with `--config.a.b=value`
-overrides (ml_collections style, but with one-line errors), and the user-error exit."""
+overrides (ml_collections style, but with one-line errors), `--policy.key=value` decoding
+settings, argparse with one-line errors, and `command()`, the set-up every entry point shares."""
 import argparse
 import ast
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sys
 
 import ml_collections
 
+from evo_jax import backend
+from evo_jax import decoding
 from evo_jax.errors import ConfigError, UserError
+
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+class OneLineParser(argparse.ArgumentParser):
+  """argparse, but a bad command line is a UserError (one line, exit status 2)."""
+
+  def error(self, message):
+    raise UserError(message)
+
+
+def parse_bool(text, name):
+  """true/1/yes or false/0/no (any case), for config fields and policy settings alike."""
+  if text.lower() in TRUE:
+    return True
+  if text.lower() in FALSE:
+    return False
+  raise ConfigError(f"{name}: expected true or false, got {text!r}")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -28,11 +50,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 def _parse_value(text, current, name):
   if isinstance(current, bool):
-    if text.lower() in ("true", "1", "yes"):
-      return True
-    if text.lower() in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"--config.{name}: expected true or false, got {text!r}")
+    return parse_bool(text, f"--config.{name}")
   if isinstance(current, str):
     return text
   try:
@@ -91,9 +109,29 @@ def apply_overrides(cfg, items):
     apply_override(cfg, *split_setting(item, "--config."))
 
 
+def parse_policy(name, overrides):
+  """The policy `name` (decoding.POLICIES) with `--policy.key=value` overrides applied."""
+  types = {f.name: f.type for f in dataclasses.fields(decoding.Policy)}
+  settings = {}
+  for item in overrides:
+    key, text = split_setting(item, "--policy.")
+    kind = types.get(key)
+    if kind in (bool, "bool"):
+      settings[key] = parse_bool(text, item.partition("=")[0])
+      continue
+    try:
+      settings[key] = {int: int, "int": int, float: float, "float": float}.get(kind, str)(text)
+    except ValueError:
+      raise UserError(f"{item}: cannot parse {text!r} as {kind}") from None
+  return decoding.make_policy(name, **settings)
+
+
 @contextlib.contextmanager
-def user_errors():
-  """Turns a UserError into `error: <message>` on stderr and exit status 2."""
+def command():
+  """What every entry point (`python -m evo_jax.X`) runs in: the JAX backend chosen for this
+  machine (backend.choose_platform), and a UserError turned into `error: <message>` on stderr
+  and exit status 2 instead of a traceback."""
+  backend.choose_platform()
   try:
     yield
   except UserError as e:

@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
       attention="dense",        # dense | chunked: queries in blocks, no [B, 2L, 2L] mask
       attention_chunk=512,      # queries per block (chunked); must divide 2 x data.seq_len
   ))
-  # shift 3 beat 1 on the tiny run's held-out AR-path perplexity (README, "Choices measured").
+  # shift 3 beat 1 on the tiny run's held-out AR-path perplexity (docs/training.md, "Choices
+  # measured").
   c.schedule = ml_collections.ConfigDict(dict(kind="linear", shift=3.0))
   c.progression = ml_collections.ConfigDict(dict(
       window_sizes=(1, 4, 16, -1),       # -1: the whole sequence (diffusion)
@@ -55,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
       flow_weight=0.0,
   ))
   c.bound = ml_collections.ConfigDict(dict(
-      log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: README, "The bound"
+      log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: docs/training.md
       windows=(1, -1),       # W values whose shared-pattern bound is logged
   ))
   c.data = ml_collections.ConfigDict(dict(
@@ -116,3 +117,19 @@ def mismatch(saved: dict, current: ml_collections.ConfigDict):
     if was != now:
       return name, was, now
   return None
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (config.json) as a full ConfigDict: fields added to the code since
+  the run was saved take their defaults."""
+  cfg = default_config()
+  merge(cfg, saved)
+  return cfg
+
+
+def merge(cfg, values, prefix=""):
+  for key, value in values.items():
+    if isinstance(cfg.get(key), ml_collections.ConfigDict) and isinstance(value, dict):
+      merge(cfg[key], value, f"{prefix}{key}.")
+    else:
+      cfg[key] = tuple(value) if isinstance(value, list) else value

@@ -33,8 +33,10 @@ from evo_jax import cli
 from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import model as model_lib
+from evo_jax import run as run_lib
 from evo_jax import sharding
-from evo_jax import train
+from evo_jax import state as state_lib
+from evo_jax.progress import Progress
 from evo_jax.errors import UserError
 
 FAMILIES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -191,7 +193,7 @@ def to_hf(evo_array, hf_shape, transposed):
 
 def shard_files(hf_dir):
   """{tensor name: safetensors file} of a checkpoint, from its index or its single file."""
-  from safetensors import safe_open
+  from safetensors import safe_open   # the `convert` extra
   index = os.path.join(hf_dir, INDEX_FILE)
   if os.path.isfile(index):
     weight_map = read_json(index, "the shard index").get("weight_map", {})
@@ -209,7 +211,7 @@ def shard_files(hf_dir):
 def read_tensors(hf_dir, table):
   """Yields (row, float32 numpy array) for each row of the table, one tensor in memory at a
   time; a missing, unexpected or misshapen tensor is a one-line error."""
-  from safetensors import safe_open
+  from safetensors import safe_open   # the `convert` extra
   files = shard_files(hf_dir)
   wanted = {row[0] for row in table}
   extra = sorted(k for k in files if k not in wanted and not k.endswith(IGNORED_SUFFIXES)
@@ -247,22 +249,24 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
     raise ConvertError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens, more than the "
                        f"model's vocab_size {mcfg.vocab_size}")
 
-  layout = train.state_layout(cfg, sharding.make_mesh(cfg.mesh))
+  layout = state_lib.state_layout(cfg, sharding.make_mesh(cfg.mesh))
   model, tx, shardings = layout.model, layout.tx, layout.shardings
   where = flax.traverse_util.flatten_dict(shardings.params)
   shapes = flax.traverse_util.flatten_dict(
-      jax.eval_shape(lambda r: train.init_params(model, r), jax.random.key(0)))
+      jax.eval_shape(lambda r: state_lib.init_params(model, r), jax.random.key(0)))
   table = tensor_table(mcfg)
   backbone = {("params",) + scanned_path(row[1], mcfg.scan_layers)[0] for row in table}
   fresh_sharding = {k: v for k, v in where.items() if k not in backbone}
   # Only the new parameters are computed (jit drops the rest of the initialisation).
   fresh = jax.jit(lambda r: {k: v for k, v in flax.traverse_util.flatten_dict(
-      train.init_params(model, r)).items() if k not in backbone},
+      state_lib.init_params(model, r)).items() if k not in backbone},
                   out_shardings=fresh_sharding)(jax.random.key(cfg.seed))
   params = dict(fresh)
   # A stacked (scanned) parameter is allocated in place and filled a layer at a time.
   set_layer = jax.jit(lambda full, x, i: full.at[i].set(x), donate_argnums=0)
+  progress = Progress("importing", len(table), "tensors")
   for (_, path, _, transposed), array in read_tensors(hf_dir, table):
+    progress.advance()
     path, layer = scanned_path(path, mcfg.scan_layers)
     key = ("params",) + path
     if layer is None:
@@ -272,8 +276,9 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
       params[key] = jax.jit(lambda s=shapes[key]: jnp.zeros(s.shape, s.dtype),
                             out_shardings=where[key])()
     params[key] = set_layer(params[key], to_evo(array, shapes[key].shape[1:], transposed), layer)
+  progress.done()
   params = flax.traverse_util.unflatten_dict(params)
-  state = train.TrainState(
+  state = state_lib.TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
 
@@ -293,13 +298,13 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
 
 def export_checkpoint(workdir, out, dtype="float32", log=print):
   """Writes the backbone of the run in workdir as a Hugging Face checkpoint in out."""
-  import safetensors.numpy
-  from evo_jax import decode
+  import safetensors.numpy       # the `convert` extra
   if dtype not in EXPORT_DTYPES:
     raise ConvertError(f"--dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
   if os.path.isdir(out) and os.listdir(out):
     raise ConvertError(f"{out} is not empty: export writes a new checkpoint directory")
-  cfg, _, params, tokenizer, step = decode.load_run(workdir)
+  run = run_lib.load_run(workdir)
+  cfg, params, tokenizer, step = run.cfg, run.params, run.tokenizer, run.step
   mcfg = model_lib.from_config(cfg.model)
   source = os.path.join(workdir, SOURCE_CONFIG)
   base = (read_json(source, "the imported model config") if os.path.isfile(source) else
@@ -311,7 +316,10 @@ def export_checkpoint(workdir, out, dtype="float32", log=print):
 
   # Shards of at most MAX_SHARD_BYTES, so that only one shard is ever on the host.
   shards, current, size = [], {}, 0
-  for name, path, shape, transposed in tensor_table(mcfg):
+  table = tensor_table(mcfg)
+  progress = Progress("exporting", len(table), "tensors")
+  for name, path, shape, transposed in table:
+    progress.advance()
     path, layer = scanned_path(path, mcfg.scan_layers)
     array = flat[("params",) + path]
     array = to_hf(np.asarray(jax.device_get(array if layer is None else array[layer])), shape,
@@ -323,6 +331,7 @@ def export_checkpoint(workdir, out, dtype="float32", log=print):
     current[name] = array
     size += array.nbytes
   shards.append(current)
+  progress.done()
   os.makedirs(out, exist_ok=True)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -344,9 +353,8 @@ def export_checkpoint(workdir, out, dtype="float32", log=print):
 
 
 def main(argv=None):
-  from evo_jax.sample import OneLineParser
-  with cli.user_errors():
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0])
+  with cli.command():
+    parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     imp = commands.add_parser("import", help="a Hugging Face checkpoint -> an evo_jax workdir")
     imp.add_argument("--from", dest="hf_dir", required=True, help="the checkpoint directory")

@@ -29,7 +29,9 @@ import itertools
 import json
 import os
 import random
+import sys
 import sysconfig
+import time
 from typing import NamedTuple
 
 import grain
@@ -333,6 +335,10 @@ def train_tokenizer(out_path: str, corpus: str, vocab_size: int, heldout_fractio
   random.Random(0).shuffle(refs)  # fixed seed: the same corpus gives the same tokenizer
   texts = (read_document(ref) for ref in refs)  # lazy: only what the cap needs is read
   model = io.BytesIO()
+  start = time.perf_counter()
+  print(f"training a tokenizer of {vocab_size} pieces on up to {max_training_chars:,} characters "
+        f"of {corpus or 'the Python standard library'} (once: it is saved to {out_path})",
+        file=sys.stderr, flush=True)
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_chunks(texts, max_training_chars), model_writer=model,
@@ -345,6 +351,7 @@ def train_tokenizer(out_path: str, corpus: str, vocab_size: int, heldout_fractio
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, out_path)  # never leave a half-written model for a resumed run to load
+  print(f"tokenizer trained in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
   return Tokenizer(out_path)
 
 

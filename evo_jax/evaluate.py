@@ -8,7 +8,7 @@ Tasks (registered in TASKS as Task(add its options, read its input, run it)):
               preceding text as fits, see scoring.rolling_pairs), and the window-W variational
               bound (loss.make_bound) for --windows W,... (-1: the whole row).
   gsm8k       --test_file JSONL ({"question", "answer"}), few-shot prompts from --train_file,
-              generation with a sampler policy, the number after "####" (else the last number
+              generation with a decoding policy, the number after "####" (else the last number
               in the text) against the reference's: accuracy.
   choice      --file JSONL, one multiple-choice question a line: {"context": str, "choices":
               [str, ...], "label": index of the right choice}. Each choice is scored as a
@@ -35,11 +35,19 @@ import time
 from decimal import Decimal, InvalidOperation
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
+from evo_jax import backend
 from evo_jax import cli
+from evo_jax import data
+from evo_jax import decoding
+from evo_jax import humaneval
+from evo_jax import measure
+from evo_jax import run as run_lib
+from evo_jax import scoring
 from evo_jax.errors import UserError
-from evo_jax.sample import OneLineParser, parse_policy
+from evo_jax.progress import Progress
 
 
 class EvalError(UserError):
@@ -50,20 +58,11 @@ class Task(NamedTuple):
   add_args: Callable       # (parser) -> None: the task's own options
   read: Callable           # (args) -> examples: reads and checks the input before the run loads
   run: Callable            # (run, args, examples) -> dict of results
-  generates: bool = False  # takes a sampler policy
+  generates: bool = False  # takes a decoding policy
 
 
 # What the scored tasks decode with: the AR path (latent stream at W = 1, t = 1), no sampling.
 AR_PATH = {"policy": "ar-path", "policy_settings": {"window": 1, "t": 1.0}}
-
-
-class Run(NamedTuple):
-  workdir: str
-  cfg: object
-  model: object
-  params: object
-  tokenizer: object
-  step: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,10 +97,15 @@ def read_jsonl(path, fields):
 
 
 def mean_stderr(values):
-  """(mean, standard error of the mean) of per-example values."""
+  """(mean, standard error of the mean) of per-example values; the standard error is None for
+  one example (as humaneval.score_completions gives it)."""
   x = np.asarray(values, np.float64)
-  se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+  se = float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
   return float(np.mean(x)), se
+
+
+def percent(stderr):
+  return None if stderr is None else 100 * stderr
 
 
 def few_shot(train, shots, seed):
@@ -125,8 +129,7 @@ def complete(run, texts, policy, *, max_new_tokens, temperature=0.0, top_p=1.0, 
   """Continues each text ([bos] + its tokens, left-truncated to leave max_new_tokens of the
   context) under `policy`; each batch has batch_size rows (the last one padded) so that its
   compilation is reused. Returns ([Completion], seconds of decoding)."""
-  from evo_jax import sampler, schedule
-  context = run.cfg.data.seq_len
+  context = run.context
   if not 1 <= max_new_tokens < context:
     raise EvalError(f"max_new_tokens must be in [1, {context - 1}] (the model's context is "
                     f"{context}), got {max_new_tokens}")
@@ -135,12 +138,13 @@ def complete(run, texts, policy, *, max_new_tokens, temperature=0.0, top_p=1.0, 
   prompts = [[tok.bos_id] + tok.encode(t) for t in texts]
   dropped = [max(0, len(p) - room) for p in prompts]
   prompts = [p[d:] for p, d in zip(prompts, dropped)]
-  sched = schedule.from_config(run.cfg.schedule)
   out, seconds = [], 0.0
-  for first in range(0, len(prompts), batch_size):
+  starts = range(0, len(prompts), batch_size)
+  progress = Progress("generating", len(starts), "batches")
+  for first in starts:
     chunk = prompts[first:first + batch_size]
     padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-    samples = sampler.generate(run.model, run.params, sched, padded, policy,
+    samples = decoding.generate(run.model, run.params, run.schedule, padded, policy,
                                max_new_tokens=max_new_tokens, context=context,
                                eos_id=tok.eos_id, temperature=temperature, top_p=top_p,
                                seed=seed + first)
@@ -149,6 +153,8 @@ def complete(run, texts, policy, *, max_new_tokens, temperature=0.0, top_p=1.0, 
       text, reason = cut_at_stop(tok.decode(s.tokens), stops)
       out.append(Completion(text, len(s.tokens), s.nfe, reason or s.stop_reason,
                             dropped[first + i]))
+    progress.advance()
+  progress.done()
   return out, seconds
 
 
@@ -168,10 +174,29 @@ def decoding_stats(completions, seconds):
 
 
 def add_generation_args(p, max_new_tokens):
+  """The options of a generation task; `max_new_tokens` is its default length, capped to half
+  the model's context (generation_length)."""
   p.add_argument("--policy", default="evo", help="ar | diffusion | block | evo")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top_p", type=float, default=1.0)
-  p.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+  p.add_argument("--max_new_tokens", type=int, default=None,
+                 help=f"default {max_new_tokens}, at most half the model's context")
+  p.set_defaults(task_max_new_tokens=max_new_tokens)
+
+
+def generation_length(given, task_default, context, log=print):
+  """--max_new_tokens as given (it must leave room for a prompt), else the task's default
+  capped to half the context, with a one-line notice when capped."""
+  if given is not None:
+    if not 1 <= given < context:
+      raise EvalError(f"--max_new_tokens {given} does not fit the model's context of {context} "
+                      f"tokens (give 1 to {context - 1})")
+    return given
+  if task_default <= context // 2:
+    return task_default
+  log(f"note: --max_new_tokens is {context // 2}, half the model's context of {context} "
+      f"tokens (this task's default is {task_default})")
+  return context // 2
 
 
 def generation_record(args, policy, completions, seconds):
@@ -194,7 +219,6 @@ def add_likelihood_args(p):
 
 
 def read_likelihood(args):
-  from evo_jax import data
   try:
     args.window_list = [int(w) for w in args.windows.split(",") if w.strip()]
   except ValueError:
@@ -204,10 +228,7 @@ def read_likelihood(args):
 
 
 def run_likelihood(run, args, docs):
-  import jax
-
-  from evo_jax import data, loss, scoring
-  cfg, tok, L = run.cfg, run.tokenizer, run.cfg.data.seq_len
+  cfg, tok, L = run.cfg, run.tokenizer, run.context
   if docs is None:
     docs = data.corpus_documents(cfg.data.corpus, "heldout", cfg.data.heldout_fraction,
                                  cfg.data.text_field)
@@ -221,7 +242,8 @@ def run_likelihood(run, args, docs):
     for pair in scoring.rolling_pairs([tok.bos_id], doc_ids, L, args.stride or None):
       pairs.append(pair)
       owner.append(d)
-  scores = scoring.Scorer(run.model, run.params, L, args.batch_size, args.seed).score(pairs)
+  scores = scoring.Scorer(run.model, run.params, L, args.batch_size, args.seed).score(
+      pairs, progress_label="scoring")
   logprob = np.zeros(len(docs))
   for d, s in zip(owner, scores):
     logprob[d] += s.logprob
@@ -230,30 +252,29 @@ def run_likelihood(run, args, docs):
   # Standard error of a ratio of sums over documents (the delta method).
   k = len(docs)
   resid = -logprob - nats * counts
-  se = float(np.sqrt(np.sum(resid ** 2) / max(k * (k - 1), 1)) / counts.mean()) if k > 1 else 0.0
+  se = float(np.sqrt(np.sum(resid ** 2) / (k * (k - 1))) / counts.mean()) if k > 1 else None
   metrics = {"ar_nll": nats, "ar_nll_stderr": se, "perplexity": math.exp(nats),
-             "bits_per_token": nats / math.log(2), "bits_per_token_stderr": se / math.log(2),
+             "bits_per_token": nats / math.log(2),
+             "bits_per_token_stderr": None if se is None else se / math.log(2),
              "tokens": int(counts.sum()), "documents": k}
 
   # The bounds, on rows of up to L tokens cut from the same [bos] ids [eos] documents.
   rows = [[tok.bos_id] + x for x in ids]
   rows = [r[i:i + L] for r in rows for i in range(0, len(r), L)]
   B = args.batch_size
-  for W in args.window_list:
-    bound = jax.jit(loss.make_bound(run.model, cfg, W))
-    total = None
-    for b, first in enumerate(range(0, len(rows), B)):
-      batch = {k: np.zeros((B, L), np.int32) for k in ("tokens", "segment_ids", "positions")}
-      for r, row in enumerate(rows[first:first + B]):
-        batch["tokens"][r, :len(row)] = row
-        batch["segment_ids"][r, :len(row)] = 1
-        batch["positions"][r, :len(row)] = np.arange(len(row))
-      rng = jax.random.fold_in(jax.random.key(args.seed), b)
-      sums = jax.device_get(bound(run.params, batch, rng))
-      total = sums if total is None else {k: total[k] + sums[k] for k in sums}
-    name = "L" if W == -1 else W
-    for term in ("bound", "diffusion", "recon", "prior"):
-      metrics[f"{term}_w{name}_bpt"] = float(total[term] / total["tokens"] / math.log(2))
+  batches = []
+  for first in range(0, len(rows), B):
+    batch = {k: np.zeros((B, L), np.int32) for k in ("tokens", "segment_ids", "positions")}
+    for r, row in enumerate(rows[first:first + B]):
+      batch["tokens"][r, :len(row)] = row
+      batch["segment_ids"][r, :len(row)] = 1
+      batch["positions"][r, :len(row)] = np.arange(len(row))
+    batches.append(batch)
+  bound = jax.jit(measure.make_measure(run.model, cfg, args.window_list, ar_path=False))
+  with Progress("bounds", len(batches), "batches") as progress:
+    metrics.update(measure.measure_batches(
+        lambda batch, rng: bound(run.params, batch, rng), batches, jax.random.key(args.seed),
+        args.window_list, progress))
   examples = [{"document": f"{ref.path}:{ref.line}" if ref.line else ref.path,
                "tokens": int(n), "logprob": float(lp),
                "bits_per_token": float(-lp / n / math.log(2))}
@@ -340,7 +361,7 @@ def run_gsm8k(run, args, examples):
   return {"benchmark": "GSM8K", "shots": args.shots, "examples": out,
           "metrics": {"accuracy": acc, "accuracy_stderr": se},
           "metric": {"name": "accuracy", "value": acc, "stderr": se}, "score": 100 * acc,
-          "score_stderr": 100 * se, "fewshot_lines": [s["_line"] for s in shots],
+          "score_stderr": percent(se), "fewshot_lines": [s["_line"] for s in shots],
           **generation_record(args, args.policy_obj, completions, seconds)}
 
 
@@ -383,12 +404,11 @@ def encode_pair(tokenizer, context, continuation):
 
 
 def run_choice(run, args, examples):
-  from evo_jax import scoring
   test, prefix = examples
   pairs = [encode_pair(run.tokenizer, prefix + ex["context"], c)
            for ex in test for c in ex["choices"]]
-  scores = iter(scoring.Scorer(run.model, run.params, run.cfg.data.seq_len, args.batch_size,
-                               args.seed).score(pairs))
+  scores = iter(scoring.Scorer(run.model, run.params, run.context, args.batch_size,
+                               args.seed).score(pairs, progress_label="scoring"))
   out = []
   for ex in test:
     s = [next(scores) for _ in ex["choices"]]
@@ -406,7 +426,7 @@ def run_choice(run, args, examples):
           "metrics": {"acc": acc, "acc_stderr": se, "acc_norm": acc_norm,
                       "acc_norm_stderr": se_norm},
           "metric": {"name": "acc_norm", "value": acc_norm, "stderr": se_norm},
-          "score": 100 * acc_norm, "score_stderr": 100 * se_norm}
+          "score": 100 * acc_norm, "score_stderr": percent(se_norm)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +445,6 @@ def add_humaneval_args(p):
 
 
 def read_humaneval(args):
-  from evo_jax import humaneval
   args.ks = tuple(int(k) for k in args.k.split(","))
   if args.n_samples < max(args.ks):
     raise EvalError(f"--n_samples {args.n_samples} is below the largest k {max(args.ks)}")
@@ -433,7 +452,6 @@ def read_humaneval(args):
 
 
 def run_humaneval(run, args, problems):
-  from evo_jax import humaneval
   samples, seconds = [], 0.0
   for j in range(args.n_samples):        # sample j of every problem, with its own seed
     c, s = complete(run, [p["prompt"] for p in problems], args.policy_obj,
@@ -451,7 +469,7 @@ def run_humaneval(run, args, problems):
   se = metrics[f"pass@{k}_stderr"]       # the interface of evo_jax/humaneval.py
   return {"benchmark": "HumanEval", "shots": 0, "examples": per_example, "metrics": metrics,
           "metric": {"name": f"pass@{k}", "value": value, "stderr": se}, "score": 100 * value,
-          "score_stderr": None if se is None else 100 * se,
+          "score_stderr": percent(se),
           **generation_record(args, args.policy_obj, [c for s in samples for c in s], seconds)}
 
 
@@ -480,7 +498,7 @@ def write_json(path, record):
 def evaluate(argv):
   """Parses the command line, runs the task and returns the results record (also written to
   --output)."""
-  parser = OneLineParser(description=__doc__.strip().splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--workdir", required=True, help="a trained run")
   parser.add_argument("--task", required=True, help=" | ".join(TASKS))
   parser.add_argument("--output", required=True, help="the results JSON file")
@@ -493,22 +511,26 @@ def evaluate(argv):
   if args.limit < 0 or args.batch_size < 1:
     raise EvalError("--limit must be >= 0 and --batch_size >= 1")
   task = TASKS[args.task]
-  task_parser = OneLineParser(prog=f"evaluate --task {args.task}")
+  task_parser = cli.OneLineParser(prog=f"evaluate --task {args.task}")
   task.add_args(task_parser)
   task_args, rest = task_parser.parse_known_args(rest)
   vars(args).update(vars(task_args))
   if task.generates:
-    args.policy_obj = parse_policy(args.policy, rest)
+    args.policy_obj = cli.parse_policy(args.policy, rest)
   elif rest:
     raise EvalError(f"unknown argument for task {args.task}: {rest[0]}")
   examples = task.read(args)                  # bad input fails here, before the run loads
+  if task.generates:
+    context = run_lib.read_run_config(args.workdir).data.seq_len
+    args.max_new_tokens = generation_length(args.max_new_tokens, args.task_max_new_tokens,
+                                            context)
 
-  from evo_jax import bench, decode
   start = time.perf_counter()
-  cfg, model, params, tokenizer, step = decode.load_run(args.workdir)
-  run = Run(args.workdir, cfg, model, params, tokenizer, step)
+  run = run_lib.load_run(args.workdir)
+  cfg, tokenizer, step = run.cfg, run.tokenizer, run.step
   results = task.run(run, args, examples)
-  generation = ("policy", "temperature", "top_p", "max_new_tokens")     # recorded on their own
+  generation = ("policy", "temperature", "top_p", "max_new_tokens",     # recorded on their own
+                "task_max_new_tokens")
   options = {k: v for k, v in vars(task_args).items() if k not in generation}
   record = {
       "task": args.task, "benchmark": results.pop("benchmark"),
@@ -517,7 +539,7 @@ def evaluate(argv):
       "policy_settings": None, "temperature": None, "top_p": None, "seed": args.seed,
       "options": options, "n_examples": len(results["examples"]), "score": None,
       "score_stderr": None, "decoding": None, **results,
-      "config": cfg.to_dict(), "machine": bench.machine(),
+      "config": cfg.to_dict(), "machine": backend.machine(),
       "seconds": time.perf_counter() - start,
       "command": ["python", "-m", "evo_jax.evaluate"] + argv}
   write_json(args.output, record)
@@ -529,7 +551,7 @@ def evaluate(argv):
 
 
 def main(argv=None):
-  with cli.user_errors():
+  with cli.command():
     return evaluate(sys.argv[1:] if argv is None else argv)
 
 

@@ -16,16 +16,20 @@ setting of the policy (window=8, gamma=0.5, ...).
   as `evaluate --task choice` does ([bos] + context, continuation), with its greedy flag;
 - loglikelihood_rolling: a document's tokens after [bos], each scored once in windows that keep
   as much context as fits (scoring.rolling_pairs);
-- generate_until: the sampler under the chosen policy, up to max_gen_toks new tokens, cut
+- generate_until: the decoding loop under the chosen policy, up to max_gen_toks new tokens, cut
   before the first of the request's `until` strings.
 """
 import importlib
 
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from evo_jax import backend
+from evo_jax import decoding
 from evo_jax import evaluate
-from evo_jax import sampler
+from evo_jax import run as run_lib
+from evo_jax import scoring
 
 # The built-in models first: lm_eval's get_model loads them only into an empty registry.
 importlib.import_module("lm_eval.models")
@@ -38,15 +42,15 @@ class EvoLM(LM):
                max_gen_toks=256, max_batch_size=None, device=None, **policy_settings):
     del max_batch_size, device        # lm_eval passes them to every model; one device here
     super().__init__()
-    from evo_jax import decode, scoring
-    self.policy = sampler.make_policy(policy, **policy_settings)
+    backend.choose_platform()       # lm_eval's own command line does not go through cli.command
+    self.policy = decoding.make_policy(policy, **policy_settings)
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16   # "auto" -> 16
     self.seed, self.temperature, self.top_p = int(seed), float(temperature), float(top_p)
     self.max_gen_toks = int(max_gen_toks)
-    cfg, model, params, tokenizer, step = decode.load_run(workdir)
-    self.run = evaluate.Run(workdir, cfg, model, params, tokenizer, step)
-    self.tokenizer = tokenizer
-    self.scorer = scoring.Scorer(model, params, cfg.data.seq_len, self.batch_size, self.seed)
+    self.run = run_lib.load_run(workdir)
+    self.tokenizer = self.run.tokenizer
+    self.scorer = scoring.Scorer(self.run.model, self.run.params, self.run.context,
+                                 self.batch_size, self.seed)
 
   @property
   def tokenizer_name(self):
@@ -57,8 +61,7 @@ class EvoLM(LM):
     return [(s.logprob, s.is_greedy) for s in self.scorer.score(pairs)]
 
   def loglikelihood_rolling(self, requests, disable_tqdm=False):
-    from evo_jax import scoring
-    tok, L = self.tokenizer, self.run.cfg.data.seq_len
+    tok, L = self.tokenizer, self.run.context
     pairs, owner = [], []
     for r, req in enumerate(requests):
       for pair in scoring.rolling_pairs([tok.bos_id], tok.encode(req.args[0]), L):
@@ -81,7 +84,7 @@ class EvoLM(LM):
       sample = kwargs.get("do_sample", False) or float(kwargs.get("temperature") or 0.0) > 0
       temperature = float(kwargs.get("temperature") or self.temperature or 1.0) if sample else 0.0
       max_toks = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                     self.run.cfg.data.seq_len - 1)
+                     self.run.context - 1)
       groups.setdefault((until, temperature, max_toks), []).append((i, context))
     out = [None] * len(requests)
     for (until, temperature, max_toks), items in groups.items():
@@ -95,7 +98,6 @@ class EvoLM(LM):
 
 
 def main():
-  from lm_eval.__main__ import cli_evaluate
   cli_evaluate()
 
 

@@ -4,8 +4,8 @@
   stream, the time-head regression, the clean-stream next-token loss, optional flow matching);
 - `make_bound`: the variational bound in log-SNR space for the `shared` pattern with window W
   (reconstruction at lambda_max + diffusion integral + prior at lambda_min), in nats per token;
-- `make_ar_path_nll`: the exact conditional NLL of AR decoding (W = 1, t = 1) and the
-  clean-stream next-token NLL.
+- `ar_path_forward` / `ar_path_nll`: the exact conditional NLL of AR decoding (W = 1, t = 1)
+  and the clean-stream next-token NLL.
 
 Per-token quantities are returned as sums with their token counts so that callers can average
 over many batches exactly.
@@ -123,6 +123,7 @@ def make_loss_on_draws(model, cfg):
   lcfg = cfg.loss
   if lcfg.weighting not in WEIGHTINGS:
     raise ConfigError(f"loss.weighting must be one of {WEIGHTINGS}, got {lcfg.weighting!r}")
+  progression.check_config(cfg.progression)
   # The `elbo` weight explodes at the ends; t is kept inside the bound's log-SNR range.
   t_lo = float(sched.t_from_log_snr(cfg.bound.log_snr_max))
   t_hi = float(sched.t_from_log_snr(cfg.bound.log_snr_min))
@@ -240,27 +241,34 @@ def make_bound(model, cfg, window_size):
   return bound_fn
 
 
-def make_ar_path_nll(model, cfg):
-  """ar(params, batch, rng) -> sums of the AR-path NLL (latent stream, W = 1, t = 1) over all
-  real tokens and of the clean-stream next-token NLL, with their counts."""
-  sched = schedule_lib.from_config(cfg.schedule)
+def ar_path_forward(model, params, batch, noise_key):
+  """The AR path of every position in one pass (method.md section 5): the latent stream at
+  W = 1, t = 1, each latent the pure noise `schedule.latent_noise(noise_key, its position)` that
+  sees only the clean tokens before it, so latent i's logits give log p(x_i | x_<i). Returns
+  (clean-stream logits, latent-stream logits), each [B, L, V].
 
-  def ar_fn(params, batch, rng):
-    tokens = batch["tokens"]
-    B, L = tokens.shape
-    ones_B = jnp.ones((B,), jnp.int32)
-    t_BxL = jnp.ones((B, L), jnp.float32)
-    e_BxLxD = latent_table(model, params)[tokens]
-    z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(rng, e_BxLxD.shape))
-    logits_c, logits_z, _ = two_stream_forward(
-        model, params, batch, z, t_BxL, ones_B, 0 * ones_B)
-    mask = batch["segment_ids"] > 0
-    clean_nll, clean_mask = clean_next_token(logits_c, batch)
-    return {
-        "ar_nll": _masked_sum(token_xent(logits_z, tokens), mask),
-        "tokens": mask.sum(),
-        "clean_nll": _masked_sum(clean_nll, clean_mask),
-        "clean_tokens": clean_mask.sum(),
-    }
+  The one AR-path computation: training's held-out metrics, scoring (evaluate, lm-eval, bench
+  decode) and the decoding loop's latents all draw their noise this way, so for the same
+  noise key they score the same text with the same numbers, however it is batched or padded.
+  """
+  tokens = batch["tokens"]
+  B, L = tokens.shape
+  z = schedule_lib.latent_noise(noise_key, batch["positions"], model.cfg.d_model)
+  ones_B = jnp.ones((B,), jnp.int32)
+  logits_c, logits_z, _ = two_stream_forward(
+      model, params, batch, z, jnp.ones((B, L), jnp.float32), ones_B, 0 * ones_B)
+  return logits_c, logits_z
 
-  return ar_fn
+
+def ar_path_nll(model, params, batch, noise_key):
+  """Sums of the AR-path NLL over all real tokens and of the clean-stream next-token NLL,
+  with their counts."""
+  logits_c, logits_z = ar_path_forward(model, params, batch, noise_key)
+  mask = batch["segment_ids"] > 0
+  clean_nll, clean_mask = clean_next_token(logits_c, batch)
+  return {
+      "ar_nll": _masked_sum(token_xent(logits_z, batch["tokens"]), mask),
+      "tokens": mask.sum(),
+      "clean_nll": _masked_sum(clean_nll, clean_mask),
+      "clean_tokens": clean_mask.sum(),
+  }

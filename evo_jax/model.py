@@ -6,7 +6,7 @@ per-token time t through a zero-initialised adaLN modulation, and returns token 
 head) and the time head's estimate t_hat. Which positions see which is entirely the caller's
 mask (see attention.py), so the same module serves training (clean + latent streams), the AR
 path and every decoding policy. For decoding, `forward_with_cache` also attends to cached keys
-and values of earlier positions and returns those of its inputs (evo_jax/sampler.py keeps the
+and values of earlier positions and returns those of its inputs (evo_jax/decoding.py keeps the
 cache); it shares every parameter with `__call__`, which is it without a cache.
 
 Parameters carry logical axis names (vocab, embed, heads, kv_heads, head_dim, mlp, time) so
@@ -39,35 +39,37 @@ REMAT_POLICIES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  vocab_size: int = 2048
-  d_model: int = 128
-  n_layers: int = 4
-  n_heads: int = 4
-  n_kv_heads: int = 2
-  head_dim: int = 0          # 0: d_model // n_heads
-  d_ff: int = 384
-  rope_theta: float = 10000.0
-  rope_scaling: str = "none"  # none | linear | llama3: see rope_frequencies
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0     # llama3 only
-  rope_high_freq_factor: float = 4.0    # llama3 only
-  rope_original_max_position: int = 8192  # llama3 only: the context of the unscaled model
-  norm_eps: float = 1e-6
-  qkv_bias: bool = False     # biases on the q, k, v projections (Qwen2)
-  qk_norm: bool = False      # RMSNorm of each query and key head before RoPE (Qwen3)
-  time_cond: str = "adaln"
-  time_rank: int = 64        # adaln_lowrank only
-  time_dim: int = 128        # width of the time embedding c
-  fourier_dim: int = 64
-  latent_norm: str = "global"
-  tie_embeddings: bool = True
-  dtype: str = "float32"     # compute dtype; parameters are always float32
-  remat: str = "none"        # what a block keeps for the backward pass: see REMAT_POLICIES
-  scan_layers: bool = False  # one scanned block (params stacked on a `layers` axis): one compile
-  attention: str = "dense"   # or "chunked": blocks of queries, no [B, T, T] mask or scores
-  attention_chunk: int = 512
+  """The model's settings: the `model` section of the config (config.py holds every default and
+  its meaning; build one with from_config)."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int  # 0: d_model // n_heads
+  d_ff: int
+  rope_theta: float
+  rope_scaling: str  # none | linear | llama3: see rope_frequencies
+  rope_factor: float
+  rope_low_freq_factor: float  # llama3 only
+  rope_high_freq_factor: float  # llama3 only
+  rope_original_max_position: int  # llama3 only: the context of the unscaled model
+  norm_eps: float
+  qkv_bias: bool  # biases on the q, k, v projections (Qwen2)
+  qk_norm: bool  # RMSNorm of each query and key head before RoPE (Qwen3)
+  time_cond: str
+  time_rank: int  # adaln_lowrank only
+  time_dim: int  # width of the time embedding c
+  fourier_dim: int
+  latent_norm: str
+  tie_embeddings: bool
+  dtype: str  # compute dtype; parameters are always float32
+  remat: str  # what a block keeps for the backward pass: see REMAT_POLICIES
+  scan_layers: bool  # one scanned block (params stacked on a `layers` axis): one compile
+  attention: str  # dense | chunked (blocks of queries, no [B, T, T] mask or scores)
+  attention_chunk: int
 
   def __post_init__(self):
     if self.time_cond not in TIME_CONDS:

@@ -9,9 +9,35 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
 from evo_jax import attention
+from evo_jax.errors import ConfigError
 
 PATTERNS = ("shared", "ramp", "independent")
 BASES = ("uniform", "logit_normal")
+
+
+def check_config(cfg):
+  """A one-line error for a `progression` setting that sample() would misread (a typo in
+  t_base would otherwise silently run logit_normal)."""
+  if cfg.t_base not in BASES:
+    raise ConfigError(f"progression.t_base must be one of {BASES}, got {cfg.t_base!r}")
+  if any(w != -1 and w < 1 for w in cfg.window_sizes) or not cfg.window_sizes:
+    raise ConfigError(f"progression.window_sizes must be sizes >= 1 or -1 (the whole "
+                      f"sequence), got {tuple(cfg.window_sizes)}")
+  for name in ("window_probs", "window_probs_start"):
+    probs = tuple(cfg[name])
+    if name == "window_probs_start" and not probs:
+      continue
+    if len(probs) != len(cfg.window_sizes) or min(probs) < 0 or sum(probs) <= 0:
+      raise ConfigError(f"progression.{name} must be {len(cfg.window_sizes)} weights >= 0 "
+                        f"(one per window size) with a positive sum, got {probs}")
+  weights = [cfg.pattern_probs[p] for p in PATTERNS]
+  if min(weights) < 0 or sum(weights) <= 0:
+    raise ConfigError(f"progression.pattern_probs must be weights >= 0 with a positive sum, "
+                      f"got {dict(zip(PATTERNS, weights))}")
+  if not 0 <= cfg.p_t_one <= 1:
+    raise ConfigError(f"progression.p_t_one must be in [0, 1], got {cfg.p_t_one}")
+  if cfg.logit_normal_std <= 0:
+    raise ConfigError(f"progression.logit_normal_std must be > 0, got {cfg.logit_normal_std}")
 
 
 def window_sizes(cfg, seq_len):

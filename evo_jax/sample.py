@@ -1,4 +1,4 @@
-"""Decoding from a trained run (method.md section 5; the loop: evo_jax/sampler.py).
+"""Decoding from a trained run (method.md section 5; the loop: evo_jax/decoding.py).
 
     python -m evo_jax.sample --workdir DIR --policy {ar,diffusion,block,evo} --prompt TEXT
         [--prompts_file FILE] [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]
@@ -7,49 +7,19 @@
 Each prompt is encoded as [bos] + its tokens; all prompts are decoded together in one batch.
 --prompts_file: one prompt per line, or for a .jsonl file one JSON string (or object with a
 "prompt" field) per line, so that prompts can hold newlines. --policy.SETTING=VALUE changes one
-setting of the policy (evo_jax/sampler.py, `Policy`), e.g. --policy.window=16 --policy.gamma=0.8.
+setting of the policy (evo_jax/decoding.py, `Policy`), e.g. --policy.window=16 --policy.gamma=0.8.
 --json prints one JSON object per prompt; --trajectory draws t of every token at every iteration
 as a PNG heatmap (one file per prompt: FILE.png, or FILE-1.png, FILE-2.png, ...).
 """
-import argparse
 import dataclasses
 import json
 import os
 import sys
 
 from evo_jax import cli
+from evo_jax import decoding
+from evo_jax import run as run_lib
 from evo_jax.errors import UserError
-
-
-class OneLineParser(argparse.ArgumentParser):
-  """argparse, but a bad command line is a UserError (one line, exit status 2)."""
-
-  def error(self, message):
-    raise UserError(message)
-
-
-def parse_policy(name, overrides):
-  """The policy `name` with `--policy.key=value` overrides applied."""
-  from evo_jax import sampler
-  types = {f.name: f.type for f in dataclasses.fields(sampler.Policy)}
-  settings = {}
-  for item in overrides:
-    key, text = cli.split_setting(item, "--policy.")
-    kind = types.get(key)
-    try:
-      if kind in (bool, "bool"):
-        if text.lower() not in ("true", "false", "1", "0"):
-          raise ValueError
-        settings[key] = text.lower() in ("true", "1")
-      elif kind in (int, "int"):
-        settings[key] = int(text)
-      elif kind in (float, "float"):
-        settings[key] = float(text)
-      else:
-        settings[key] = text
-    except ValueError:
-      raise UserError(f"{item}: cannot parse {text!r} as {kind}") from None
-  return sampler.make_policy(name, **settings)
 
 
 def read_prompts(args):
@@ -92,8 +62,8 @@ def trajectory_paths(path, n):
 
 
 def main(argv=None):
-  with cli.user_errors():
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0])
+  with cli.command():
+    parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a trained run (checkpoints, config)")
     parser.add_argument("--policy", default="evo", help="ar | diffusion | block | evo")
     parser.add_argument("--prompt", help="the text to continue")
@@ -105,20 +75,20 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt")
     parser.add_argument("--trajectory", help="draw t by position and iteration to this PNG")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    policy = parse_policy(args.policy, rest)     # cheap checks first, before loading the run
+    policy = cli.parse_policy(args.policy, rest)  # cheap checks first, before loading the run
     texts = read_prompts(args)
 
-    from evo_jax import decode, sampler, schedule
-    cfg, model, params, tokenizer, _ = decode.load_run(args.workdir)
+    run = run_lib.load_run(args.workdir)
+    tokenizer = run.tokenizer
     prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in texts]
-    samples = sampler.generate(
-        model, params, schedule.from_config(cfg.schedule), prompts, policy,
-        max_new_tokens=args.max_new_tokens, context=cfg.data.seq_len, eos_id=tokenizer.eos_id,
+    samples = decoding.generate(
+        run.model, run.params, run.schedule, prompts, policy,
+        max_new_tokens=args.max_new_tokens, context=run.context, eos_id=tokenizer.eos_id,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         record=bool(args.trajectory))
     if args.trajectory:
       for i, (path, s) in enumerate(zip(trajectory_paths(args.trajectory, len(texts)), samples)):
-        sampler.plot_trajectory(s.trajectory, path, f"policy {policy.name}, prompt {i + 1}: "
+        decoding.plot_trajectory(s.trajectory, path, f"policy {policy.name}, prompt {i + 1}: "
                                 f"{len(s.tokens)} tokens in {s.nfe} forward passes")
     for text, s in zip(texts, samples):
       completion = tokenizer.decode(s.tokens)

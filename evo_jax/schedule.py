@@ -1,7 +1,8 @@
 """The noising path of method.md section 1: z = a(t) e(x) + s(t) eps, and its log-SNR.
 
 Everything here is a pure function of t (any shape), so it can be used inside jit and
-differentiated (the `elbo` weighting needs d lambda / dt, taken with jax.jvp).
+differentiated (the `elbo` weighting needs d lambda / dt, taken with jax.jvp). `latent_noise` is
+the noise a latent starts from at t = 1, keyed by its position.
 """
 import dataclasses
 
@@ -16,8 +17,8 @@ KINDS = ("linear", "cosine")
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """kind: `linear` (rectified flow) or `cosine`; shift k >= 1 warps t toward the noisy end."""
-  kind: str = "linear"
-  shift: float = 1.0
+  kind: str
+  shift: float        # the default lives in config.py (schedule.shift)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -58,6 +59,15 @@ class Schedule:
   def noise(self, e_BxLxD, t_BxL, eps_BxLxD):
     a, s = self.alpha_sigma(t_BxL)
     return a[..., None] * e_BxLxD + s[..., None] * eps_BxLxD
+
+
+def latent_noise(rng, positions_BxW, dim):
+  """The pure noise (t = 1) of a latent at each position: a function of the key and the
+  position only, so that the decoding loop, the AR-path scorer and the tests draw the same
+  latent for the same position however rows are batched or padded."""
+  key = jax.random.fold_in(rng, 0)
+  draw = lambda p: jax.random.normal(jax.random.fold_in(key, p), (dim,))
+  return jax.vmap(jax.vmap(draw))(positions_BxW)
 
 
 def from_config(cfg) -> Schedule:

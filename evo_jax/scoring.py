@@ -9,9 +9,10 @@ score is the sum over its tokens; it is "greedy" when each of its tokens is the 
     scorer.score([(context_ids, continuation_ids), ...]) -> [Score(logprob, is_greedy, n_tokens)]
 
 Pairs are scored in batches of fixed size, rows padded to a power of two (>= 16) of tokens, so
-that a few compilations serve any mix of lengths. The noise of a latent depends only on the seed
-and its position (sampler.latent_noise), so batching and padding never change a score. A pair
-longer than the model's context loses tokens from the left of its context.
+that a few compilations serve any mix of lengths. The rows go through loss.ar_path_forward,
+the AR path that training's held-out metrics use too; the noise of a latent depends only on
+the seed and its position, so batching and padding never change a score. A pair longer than
+the model's context loses tokens from the left of its context.
 """
 from typing import NamedTuple
 
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evo_jax import loss
+from evo_jax.progress import Progress
 from evo_jax.errors import UserError
 
 
@@ -34,14 +37,11 @@ class Score(NamedTuple):
 
 def _score_rows(model, params, tokens_BxL, start_B, end_B, rng):
   """(sum of log-probs of tokens [start, end) of each row, all of them argmax?, their count)."""
-  from evo_jax import loss, sampler
   B, L = tokens_BxL.shape
   i_L = jnp.arange(L)[None]
   batch = {"tokens": tokens_BxL, "segment_ids": (i_L < end_B[:, None]).astype(jnp.int32),
            "positions": jnp.broadcast_to(i_L, (B, L))}
-  z = sampler.latent_noise(rng, batch["positions"], model.cfg.d_model)
-  ones = jnp.ones((B,), jnp.int32)
-  _, logits, _ = loss.two_stream_forward(model, params, batch, z, jnp.ones((B, L)), ones, 0 * ones)
+  _, logits = loss.ar_path_forward(model, params, batch, rng)
   logits = logits.astype(jnp.float32)
   scored = (i_L >= start_B[:, None]) & (i_L < end_B[:, None])
   logprob = -loss.token_xent(logits, tokens_BxL)
@@ -77,13 +77,16 @@ class Scorer:
     self.model, self.params, self.context, self.batch_size = model, params, context, batch_size
     self.rng = jax.random.key(seed)
 
-  def score(self, pairs):
-    """[Score] in the order of `pairs` (lists of token ids; the context may be empty)."""
+  def score(self, pairs, progress_label=None):
+    """[Score] in the order of `pairs` (lists of token ids; the context may be empty). With
+    progress_label, a progress line (progress.Progress) per batch."""
     pairs = [truncate(c, x, self.context) for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out = [None] * len(pairs)
     B = self.batch_size
-    for first in range(0, len(order), B):
+    starts = range(0, len(order), B)
+    progress = Progress(progress_label, len(starts), "batches") if progress_label else None
+    for first in starts:
       chunk = order[first:first + B]
       L = bucket(max(len(pairs[i][0]) + len(pairs[i][1]) for i in chunk), self.context)
       tokens = np.zeros((B, L), np.int32)
@@ -96,6 +99,10 @@ class Scorer:
           _score_rows_jit(self.model, self.params, tokens, start, end, self.rng))
       for row, i in enumerate(chunk):
         out[i] = Score(float(logprob[row]), bool(greedy[row]), int(count[row]))
+      if progress:
+        progress.advance()
+    if progress:
+      progress.done()
     return out
 
 

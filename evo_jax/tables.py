@@ -22,8 +22,9 @@ import re
 import sys
 
 from evo_jax import cli
+from evo_jax import config
+from evo_jax import decoding
 from evo_jax.errors import UserError
-from evo_jax.sample import OneLineParser
 
 REFERENCE_FILE = os.path.join(os.path.dirname(__file__), "reference_results.json")
 
@@ -87,7 +88,9 @@ def benchmark_table(results, reference):
         line.append("")
         continue
       if r["score"] is not None:
-        text = f"{r['score']:.1f} ± {r['score_stderr']:.1f}"
+        # No standard error from one example (a HumanEval run of one problem, say).
+        stderr = r.get("score_stderr")
+        text = f"{r['score']:.1f}" + ("" if stderr is None else f" ± {stderr:.1f}")
       else:
         text = f"{r['metric']['value']:.3f} {r['metric']['name']}"
       line.append(text + (f" ({r['shots']}-shot)" if shots is not None and r["shots"] != shots
@@ -98,23 +101,21 @@ def benchmark_table(results, reference):
 
 
 def decoding_table(results):
-  from evo_jax import bench, sampler
   header = ["run", "benchmark", "policy", "settings", "NFE", "tokens/forward", "tokens/s", "score"]
   rows = []
   for r in results:
     d = r.get("decoding")
     if not d:
       continue
-    policy = sampler.Policy(**r["policy_settings"])
+    policy = decoding.Policy(**r["policy_settings"])
     rows.append([run_name(r), r["benchmark"], r["policy"],
-                 bench.settings_text(policy, r["max_new_tokens"]), fmt(d["nfe"]),
+                 policy.describe(r["max_new_tokens"]), fmt(d["nfe"]),
                  fmt(d["tokens_per_forward"], 2), fmt(d["tokens_per_sec"], 0), fmt(r["score"])])
   return header, rows
 
 
 def settings_of(r):
   """Everything a result was run with, flattened: run config, task options, policy."""
-  from evo_jax import config
   out = {f"config.{k}": v for k, v in config.flatten(r.get("config") or {}).items()}
   out.update({f"option.{k}": v for k, v in (r.get("options") or {}).items()})
   out.update({f"policy.{k}": v for k, v in (r.get("policy_settings") or {}).items()
@@ -211,8 +212,8 @@ def render(paths, out_dir, reference_file=REFERENCE_FILE):
 
 
 def main(argv=None):
-  with cli.user_errors():
-    parser = OneLineParser(description=__doc__.strip().splitlines()[0])
+  with cli.command():
+    parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("results", nargs="+", help="results files of python -m evo_jax.evaluate")
     parser.add_argument("--out", required=True, help="where the tables go")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -4,16 +4,13 @@ Read top to bottom: build the model, optimizer and data from the config; restore
 checkpoint in DIR if there is one; run the jitted step; log, evaluate and save periodically;
 at the end print the headline numbers and a few samples decoded from the saved checkpoint.
 """
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from typing import NamedTuple
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,85 +23,12 @@ from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import distributed
 from evo_jax import loss as loss_lib
+from evo_jax import measure as measure_lib
 from evo_jax import metrics as metrics_lib
-from evo_jax import model as model_lib
+from evo_jax import run as run_lib
 from evo_jax import sharding
+from evo_jax import state as state_lib
 from evo_jax.errors import ConfigError
-
-LN2 = math.log(2.0)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: dict
-  opt_state: optax.OptState
-
-
-def learning_rate_fn(ocfg, total_steps):
-  decay_steps = ocfg.decay_steps or total_steps
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=ocfg.lr, warmup_steps=ocfg.warmup_steps,
-      decay_steps=max(decay_steps, ocfg.warmup_steps + 1), end_value=ocfg.lr * ocfg.min_lr_ratio)
-
-
-def make_optimizer(ocfg, total_steps):
-  """AdamW with warm-up, cosine decay and global-norm clipping; no decay on vectors (norms,
-  biases). optim.pretrained_lr_scale != 1 scales the steps of every parameter but the time
-  conditioning and time head (model.is_time_param): the learning-rate groups of a model
-  adapted from a pretrained AR one, whose backbone moves slower than its new parameters."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  parts = [optax.clip_by_global_norm(ocfg.clip_norm),
-           optax.adamw(learning_rate_fn(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
-                       weight_decay=ocfg.weight_decay, mask=decay_mask)]
-  if ocfg.pretrained_lr_scale != 1.0:
-    pretrained = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: not model_lib.is_time_param(path), params)
-    parts.append(optax.masked(optax.scale(ocfg.pretrained_lr_scale), pretrained))
-  return optax.chain(*parts)
-
-
-def init_params(model, rng, seq_len=8, unbox=True):
-  """Fresh float32 parameters. unbox=False keeps flax's logical-axis boxes, from which
-  `state_shardings` reads where each array goes."""
-  B, L, D = 1, seq_len, model.cfg.d_model
-  tokens = jnp.zeros((B, L), jnp.int32)
-  variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
-                         jnp.zeros((B, L)), jnp.zeros((B, L), jnp.int32),
-                         jnp.ones((B, L, L), bool))
-  return nn.meta.unbox(variables) if unbox else variables
-
-
-def init_state(model, tx, rng, unbox=True):
-  params = init_params(model, rng, unbox=unbox)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def state_shardings(model, tx, mesh, rules):
-  """The NamedSharding of every leaf of the train state: the optimizer's moments follow their
-  parameters, scalars are replicated."""
-  boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False), jax.random.key(0))
-  return sharding.tree_shardings(boxed, mesh, rules)
-
-
-class StateLayout(NamedTuple):
-  """A run's model and optimizer with where its train state lives on a mesh."""
-  model: model_lib.EvoTransformer
-  tx: optax.GradientTransformation
-  shardings: TrainState     # NamedSharding of every leaf
-  abstract: TrainState      # ShapeDtypeStructs with those shardings (for restores, lowering)
-  init: object              # key -> a fresh state, laid out so
-
-
-def state_layout(cfg, mesh) -> StateLayout:
-  """What the Trainer, checkpoint loading, import and ahead-of-time compilation all build from
-  a config: the model, the optimizer and the train state's layout on `mesh`."""
-  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = make_optimizer(cfg.optim, cfg.train.steps)
-  shardings = state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
-  init = lambda rng: init_state(model, tx, rng)
-  abstract = checkpoint.abstract_like(jax.eval_shape(init, jax.random.key(cfg.seed)), shardings)
-  return StateLayout(model, tx, shardings, abstract, jax.jit(init, out_shardings=shardings))
 
 
 def make_train_step(model, tx, cfg):
@@ -142,7 +66,7 @@ def make_train_step(model, tx, cfg):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.tree.norm(grads)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
+    return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
 
   return train_step
 
@@ -158,42 +82,29 @@ def jit_train_step(model, tx, cfg, mesh, state_sharding):
       mesh, sharding.logical_rules(cfg.sharding.rules))
 
 
-def make_measure(model, cfg):
-  """measure(params, batch, rng) -> sums for the bound (each W in bound.windows) and the
-  AR-path NLL; used on training batches at log steps and on the held-out split."""
-  bounds = {w: loss_lib.make_bound(model, cfg, w) for w in cfg.bound.windows}
-  ar_fn = loss_lib.make_ar_path_nll(model, cfg)
-
-  def measure(params, batch, rng):
-    out = {}
-    for i, (w, fn) in enumerate(bounds.items()):
-      for name, value in fn(params, batch, jax.random.fold_in(rng, i)).items():
-        out[f"bound_w{w}/{name}"] = value
-    out.update(ar_fn(params, batch, jax.random.fold_in(rng, len(bounds))))
-    return out
-
-  return measure
+@dataclasses.dataclass
+class Step:
+  """The train step for a mesh over devices, from shapes only: nothing is allocated, so an 8B
+  model is lowered on a laptop. `init` makes the real state, where the devices are real."""
+  fn: object            # the jitted step, as the Trainer runs it
+  state: object         # abstract sharded train state
+  batch: dict           # abstract sharded batch
+  mesh: object
+  n_params: int
+  init: object          # key -> sharded train state
 
 
-def window_name(w):
-  return "L" if w == -1 else str(w)
-
-
-def summarize(sums, windows):
-  """Per-token averages from measure()'s sums (possibly accumulated over batches)."""
-  n = max(float(sums["tokens"]), 1.0)
-  out = {}
-  for w in windows:
-    nb = max(float(sums[f"bound_w{w}/tokens"]), 1.0)
-    name = window_name(w)
-    out[f"bound_w{name}_bpt"] = float(sums[f"bound_w{w}/bound"]) / nb / LN2
-    for term in ("diffusion", "recon", "prior"):
-      out[f"bound_w{name}_{term}_bpt"] = float(sums[f"bound_w{w}/{term}"]) / nb / LN2
-  out["ar_nll"] = float(sums["ar_nll"]) / n
-  out["ar_ppl"] = math.exp(min(out["ar_nll"], 50.0))
-  out["clean_ar_nll"] = float(sums["clean_nll"]) / max(float(sums["clean_tokens"]), 1.0)
-  out["clean_ar_ppl"] = math.exp(min(out["clean_ar_nll"], 50.0))
-  return out
+def build_step(cfg, devices) -> Step:
+  """The step of `jit_train_step` on a mesh of `devices` with abstract state and batch:
+  what ahead-of-time compilation (aot.py) and `bench memory` lower and compile."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  sharding.check_batch_size(mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
+  layout = state_lib.state_layout(cfg, mesh)
+  row = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                             sharding=sharding.batch_sharding(mesh))
+  return Step(jit_train_step(layout.model, layout.tx, cfg, mesh, layout.shardings),
+              layout.abstract, {"tokens": row, "segment_ids": row, "positions": row}, mesh,
+              sum(x.size for x in jax.tree.leaves(layout.abstract.params)), layout.init)
 
 
 def check_workdir_config(cfg, workdir):
@@ -208,13 +119,14 @@ def check_workdir_config(cfg, workdir):
 
 
 class Trainer:
-  """Everything a run needs, built from its config; `run()` trains, `evaluate()` measures."""
+  """Everything a run needs, built from its config; `run()` trains, `evaluate()` measures.
+  The mesh spans `devices` (default: every device of the run)."""
 
-  def __init__(self, cfg, workdir):
+  def __init__(self, cfg, workdir, devices=None):
     check_workdir_config(cfg, workdir)
     os.makedirs(workdir, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir
-    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch_size(self.mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
@@ -225,18 +137,18 @@ class Trainer:
                         f"pieces but model.vocab_size={cfg.model.vocab_size}")
     if cfg.model.attention == "chunked":
       attention.query_chunk(cfg.model.attention_chunk, 2 * cfg.data.seq_len)
-    layout = state_layout(cfg, self.mesh)
+    layout = state_lib.state_layout(cfg, self.mesh)
     self.model, self.tx = layout.model, layout.tx
     self.state_sharding, self.abstract_state = layout.shardings, layout.abstract
-    self._init = layout.init
-    self.lr = learning_rate_fn(cfg.optim, cfg.train.steps)
+    self.init_state = layout.init        # key -> a fresh state on the mesh
+    self.lr = state_lib.learning_rate_fn(cfg.optim, cfg.train.steps)
 
     repl = sharding.replicated(self.mesh)
     rules = sharding.logical_rules(cfg.sharding.rules)
     batch_sh = sharding.batch_sharding(self.mesh)
     self._step = jit_train_step(self.model, self.tx, cfg, self.mesh, self.state_sharding)
     self._measure = sharding.traced_under_rules(
-        jax.jit(make_measure(self.model, cfg),
+        jax.jit(measure_lib.make_measure(self.model, cfg),
                 in_shardings=(self.state_sharding.params, batch_sh, repl),
                 out_shardings=repl), self.mesh, rules)
     # Recorded only now that every setting has been validated, so that a mistyped first
@@ -259,17 +171,18 @@ class Trainer:
   def step(self, state, local_batch):
     return self._step(state, self.global_batch(local_batch))
 
-  def measure(self, params, local_batch, step, salt=0):
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step), salt)
+  def measure_rng(self, step):
+    """The bound's draws at a step (the AR path's noise is fixed: measure.make_measure)."""
+    return jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+
+  def measure(self, params, local_batch, rng):
     return self._measure(params, self.global_batch(local_batch), rng)
 
   def evaluate(self, params, batches, step):
     """The bound and AR-path perplexity over the held-out batches."""
-    total = None
-    for i, batch in enumerate(batches):
-      sums = jax.device_get(self.measure(params, batch, step, salt=i + 1))
-      total = sums if total is None else jax.tree.map(np.add, total, sums)
-    return summarize(total, self.cfg.bound.windows)
+    return measure_lib.measure_batches(
+        lambda batch, rng: self.measure(params, batch, rng), batches,
+        jax.random.fold_in(self.measure_rng(step), 1), self.cfg.bound.windows)
 
   def run(self, log=print):
     cfg, workdir = self.cfg, self.workdir
@@ -284,7 +197,7 @@ class Trainer:
 
     start = ckpts.latest_step()
     if start is None:
-      state, start = self._init(jax.random.key(cfg.seed)), 0
+      state, start = self.init_state(jax.random.key(cfg.seed)), 0
     elif not ckpts.has_data(start):  # an imported model (evo_jax/convert.py): data starts fresh
       state = ckpts.restore(start, self.abstract_state)
       log(f"starting from the weights in {ckpts.directory}/{start}")
@@ -311,8 +224,8 @@ class Trainer:
         aux = jax.device_get(aux)
         now = time.perf_counter()
         record = self._train_record(aux, done)
-        record.update(summarize(jax.device_get(self.measure(state.params, batch, done)),
-                               cfg.bound.windows))
+        sums = self.measure(state.params, batch, self.measure_rng(done))
+        record.update(measure_lib.summarize(jax.device_get(sums), cfg.bound.windows))
         record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
         record["split"] = "train"
         writer.write(done, record)
@@ -323,7 +236,8 @@ class Trainer:
         writer.write(done, {"split": "heldout", **ev})
         log(f"  held-out @ {done}: AR-path ppl {ev['ar_ppl']:.2f} | clean ppl "
             f"{ev['clean_ar_ppl']:.2f} | " + " | ".join(
-                f"bound(W={window_name(w)}) {ev[f'bound_w{window_name(w)}_bpt']:.4g} bpt"
+                f"bound(W={measure_lib.window_name(w)}) "
+                f"{ev[f'bound_w{measure_lib.window_name(w)}_bpt']:.4g} bpt"
                 for w in cfg.bound.windows))
         tick = time.perf_counter()  # evaluation time is not training throughput
       if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
@@ -370,13 +284,12 @@ def train_and_report(cfg, workdir, log=print):
   trainer = Trainer(cfg, workdir)
   trainer.run(log=log)
   if jax.process_index() == 0 and cfg.train.samples > 0:
-    from evo_jax import decode  # the report decodes from the checkpoint on disk
-    decode.print_report(workdir, cfg.train.samples, cfg.train.sample_tokens,
-                        cfg.train.sample_prompt, log=log)
+    run_lib.print_report(workdir, cfg.train.samples, cfg.train.sample_tokens,
+                         cfg.train.sample_prompt, log=log)
 
 
 def main(argv=None):
-  with cli.user_errors():
+  with cli.command():
     cfg, args = cli.parse_args(sys.argv[1:] if argv is None else argv, __doc__,
                                extra=distributed.add_flags)
     distributed.initialize(args)

@@ -35,7 +35,11 @@ def launch(processes, devices_per_process, module, args, env=None, out=sys.stdou
   """Starts the processes and waits; returns the first non-zero exit status, else 0."""
   port = free_port()
   env = dict(os.environ if env is None else env)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+  # Each process simulates its own devices; the caller's other XLA flags are kept.
+  others = [f for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(
+      others + [f"--xla_force_host_platform_device_count={devices_per_process}"])
   env.setdefault("JAX_PLATFORMS", "cpu")
   env["PYTHONUNBUFFERED"] = "1"
   procs, relays = [], []

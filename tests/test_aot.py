@@ -9,6 +9,7 @@ from evo_jax import aot
 from evo_jax import cli
 from evo_jax import model as model_lib
 from evo_jax import train
+from evo_jax import state as state_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 LLAMA3_8B_PARAMS = 8_030_261_248   # Meta's published count for Llama-3-8B
@@ -31,8 +32,8 @@ def expected_params(m):
 def test_scale_configs_build_abstract_models_of_the_expected_size(path):
   cfg = cli.load_config_file(str(CONFIGS / path))
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = train.make_optimizer(cfg.optim, cfg.train.steps)
-  state = jax.eval_shape(lambda r: train.init_state(model, tx, r), jax.random.key(0))
+  tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
+  state = jax.eval_shape(lambda r: state_lib.init_state(model, tx, r), jax.random.key(0))
   n = sum(x.size for x in jax.tree.leaves(state.params))
   backbone, total = expected_params(cfg.model)
   print(f"{path}: {n:,} parameters, backbone {backbone:,}")
@@ -104,7 +105,7 @@ def test_real_devices_compile_and_time_the_step(small_cfg):
   CPU devices standing in for them: XLA's buffer assignment, then timed steps."""
   cfg = tiny(small_cfg, data=2, fsdp=2)
   target = aot.Target("stand-in", aot.GPU_CHIPS["h100"], 4)
-  step = aot.build_step(cfg, jax.devices()[:4])
+  step = train.build_step(cfg, jax.devices()[:4])
   report = aot.compile_step(cfg, target, jax.devices()[:4], time_steps=2)
   assert report.compiled and report.mesh_shape == {"data": 2, "fsdp": 2, "tensor": 1}
   assert report.arguments >= aot.shard_bytes((step.state, step.batch))

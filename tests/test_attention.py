@@ -5,7 +5,7 @@ import numpy as np
 
 from evo_jax import attention
 from evo_jax import model as model_lib
-from evo_jax import train
+from evo_jax import state as state_lib
 
 
 def dependency_matrix(cfg, segment_ids, window, offset):
@@ -15,7 +15,7 @@ def dependency_matrix(cfg, segment_ids, window, offset):
   continuous vector we can differentiate against.
   """
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  params = train.init_params(model, jax.random.key(0))
+  params = state_lib.init_params(model, jax.random.key(0))
   L = segment_ids.shape[1]
   D = cfg.model.d_model
   inputs = jax.random.normal(jax.random.key(1), (1, 2 * L, D))

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from conftest import REPO
 
-from evo_jax import checkpoint, cli, config, convert, decode, model as model_lib, sample, sampler
-from evo_jax import schedule, train
+from evo_jax import checkpoint, cli, config, convert, decoding, model as model_lib, sample
+from evo_jax import run as run_lib, schedule, state as state_lib, train
 
 VOCAB = 260   # 256 byte tokens + 2 special tokens, padded like real checkpoints' vocabularies
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -118,7 +118,8 @@ def imported(request, tmp_path_factory, corpus):
 
 def test_clean_stream_is_the_original_model(imported):
   family, hf_model, root = imported
-  cfg, model, params, tokenizer, step = decode.load_run(str(root / "evo"))
+  run = run_lib.load_run(str(root / "evo"))
+  cfg, model, params, tokenizer, step = run.cfg, run.model, run.params, run.tokenizer, run.step
   assert step == 0 and tokenizer.vocab_size == 258
   assert tokenizer.bos_id == (257 if family == "qwen2" else 256) and tokenizer.eos_id == 257
   assert model.cfg.qkv_bias == (family == "qwen2") and model.cfg.qk_norm == (family == "qwen3")
@@ -147,9 +148,9 @@ def test_export_and_reimport_round_trip_every_tensor(imported, corpus):
 
   again = root / f"evo-{len(os.listdir(root))}"
   convert.import_checkpoint(str(out), str(again), run_config(corpus), log=lambda _: None)
-  first, second = decode.load_run(str(root / "evo")), decode.load_run(str(again))
-  assert first[0].model.to_dict() == second[0].model.to_dict()
-  a, b = (flax.traverse_util.flatten_dict(run[2]) for run in (first, second))
+  first, second = run_lib.load_run(str(root / "evo")), run_lib.load_run(str(again))
+  assert first.cfg.model.to_dict() == second.cfg.model.to_dict()
+  a, b = (flax.traverse_util.flatten_dict(run.params) for run in (first, second))
   assert sorted(a) == sorted(b)
   for key in a:
     np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=str(key))
@@ -163,7 +164,8 @@ def test_scanned_layers_import_and_export(imported, corpus):
   cfg.model.scan_layers = True
   scanned = root / f"evo-scan-{len(os.listdir(root))}"
   convert.import_checkpoint(str(root / "hf"), str(scanned), cfg, log=lambda _: None)
-  _, model, params, _, _ = decode.load_run(str(scanned))
+  run = run_lib.load_run(str(scanned))
+  model, params = run.model, run.params
   assert model.cfg.scan_layers and "blocks" in params["params"]
   tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, VOCAB)
   np.testing.assert_allclose(clean_logits(model, params, tokens), hf_logits(hf_model, tokens),
@@ -200,11 +202,12 @@ def test_imported_workdir_trains_and_decodes_with_every_policy(tmp_path, corpus,
   convert.import_checkpoint(str(hf_dir), workdir, cfg, log=lambda _: None)
   # The config read from the imported workdir is the one read from the checkpoint.
   assert adapt_config(workdir, corpus).to_dict() == cfg.to_dict()
-  _, _, before, _, _ = decode.load_run(workdir)
+  before = run_lib.load_run(workdir).params
   logs = []
   train.Trainer(adapt_config(hf_dir, corpus), workdir).run(log=logs.append)
   assert logs[0].endswith("checkpoints/0")  # started from the imported weights, not resumed
-  cfg, model, after, tokenizer, step = decode.load_run(workdir)
+  run = run_lib.load_run(workdir)
+  cfg, model, after, tokenizer, step = run.cfg, run.model, run.params, run.tokenizer, run.step
   assert step == 2
   # optim.pretrained_lr_scale = 0: the backbone is frozen exactly, the time parameters learn.
   moved = set()
@@ -215,8 +218,8 @@ def test_imported_workdir_trains_and_decodes_with_every_policy(tmp_path, corpus,
   assert moved and all(model_lib.is_time_param(path) for path in moved)
   prompt = [tokenizer.bos_id] + tokenizer.encode("def ")
   for policy in ("diffusion", "block", "evo"):
-    (out,) = sampler.generate(model, after, schedule.from_config(cfg.schedule), [prompt],
-                              sampler.POLICIES[policy], max_new_tokens=4, context=32,
+    (out,) = decoding.generate(model, after, schedule.from_config(cfg.schedule), [prompt],
+                              decoding.POLICIES[policy], max_new_tokens=4, context=32,
                               eos_id=tokenizer.eos_id)
     assert 1 <= len(out.tokens) <= 4 and all(0 <= t < VOCAB for t in out.tokens)
   capsys.readouterr()
@@ -231,9 +234,9 @@ def test_lr_groups_default_off_keeps_the_optimizer():
   checkpoints from before the option are unchanged."""
   ocfg = config.default_config().optim
   params = {"block_0": {"w": jnp.ones((2, 2))}, "time_head": {"b": jnp.ones(2)}}
-  assert len(train.make_optimizer(ocfg, 10).init(params)) == 2
+  assert len(state_lib.make_optimizer(ocfg, 10).init(params)) == 2
   ocfg.pretrained_lr_scale = 0.5
-  assert len(train.make_optimizer(ocfg, 10).init(params)) == 3
+  assert len(state_lib.make_optimizer(ocfg, 10).init(params)) == 3
 
 
 def _error(capsys, argv):

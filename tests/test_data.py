@@ -159,7 +159,6 @@ def test_tokenizer_round_trips_real_stdlib_files(tokenizer):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-@pytest.mark.slow
 def test_stdlib_tokenizer_trains_fast_compresses_and_round_trips(tmp_path):
   tok = data.load_or_train_tokenizer("", str(tmp_path), "", 2048, 0.05,
                                      max_training_chars=2_000_000)

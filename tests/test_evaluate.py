@@ -8,9 +8,14 @@ import math
 import numpy as np
 import pytest
 
+import conftest
 from conftest import SHARED
-from test_sample_cli import one_line_error
+from evo_jax import data
+from evo_jax import decoding
 from evo_jax import evaluate
+from evo_jax import humaneval
+from evo_jax import run as run_lib
+from evo_jax import scoring
 from evo_jax import tables
 
 GSM8K = SHARED / "data" / "gsm8k"
@@ -40,6 +45,12 @@ def test_gsm8k_answer_extraction_on_the_gold_solutions():
   assert evaluate.extract_answer("no number here") is None
 
 
+def one_line_error(capsys, argv, *fragments):
+  line = conftest.one_line_error(capsys, evaluate.main, argv)
+  for fragment in fragments:
+    assert fragment in line, line
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
   base = ["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "out.json")]
   bad = tmp_path / "bad.jsonl"
@@ -58,8 +69,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
        "--shots > 0 needs --train_file"),
   ]
   for argv, *fragments in cases:
-    one_line_error(capsys, lambda: evaluate.main(base + argv), *fragments)
+    one_line_error(capsys, base + argv, *fragments)
   assert not (tmp_path / "out.json").exists()
+
+
+def test_generation_lengths_fit_the_model(tiny_run, tmp_path, capsys):
+  """A length that leaves no room for a prompt is refused before the checkpoint loads; a task's
+  default length is capped to half the context, with a notice."""
+  one_line_error(capsys, ["--workdir", tiny_run, "--output", str(tmp_path / "out.json"),
+                          "--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"),
+                          "--shots", "0", "--max_new_tokens", "64"],
+                 "--max_new_tokens 64 does not fit the model's context of 64 tokens")
+  notices = []
+  assert evaluate.generation_length(None, 256, 64, log=notices.append) == 32
+  assert notices == ["note: --max_new_tokens is 32, half the model's context of 64 tokens "
+                     "(this task's default is 256)"]
+  assert evaluate.generation_length(None, 16, 64, log=notices.append) == 16
+  assert evaluate.generation_length(63, 256, 64, log=notices.append) == 63 and len(notices) == 1
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +103,8 @@ def results(tiny_run, tmp_path_factory):
       "gsm8k_evo": evaluate.main(gsm + ["--output", str(out / "gsm8k_evo.json")]),
       "gsm8k_hot": evaluate.main(gsm + ["--output", str(out / "gsm8k_hot.json"),
                                         "--temperature", "0.8"]),
-      "humaneval": evaluate.main([
-          "--workdir", tiny_run, "--task", "humaneval", "--limit", "2", "--n_samples", "2",
+      "humaneval": evaluate.main([     # one problem: a score without a standard error
+          "--workdir", tiny_run, "--task", "humaneval", "--limit", "1", "--n_samples", "2",
           "--k", "1,2", "--max_new_tokens", "8", "--temperature", "0.8", "--policy", "ar",
           "--output", str(out / "humaneval.json")]),
       "choice": evaluate.main(["--workdir", tiny_run, "--task", "choice", "--file",
@@ -101,13 +127,27 @@ def test_gsm8k_end_to_end(results):
   assert r["metric"]["value"] == pytest.approx(np.mean(correct))
   assert r["metric"]["stderr"] == pytest.approx(np.std(correct, ddof=1) / math.sqrt(3))
   assert r["score"] == pytest.approx(100 * r["metric"]["value"])
-  targets = [json.loads(line)["answer"] for line in
-             (GSM8K / "test.jsonl").read_text().splitlines()[:3]]
-  for e, answer in zip(r["examples"], targets):
-    assert e["target"] == evaluate.extract_answer(answer)
-    assert e["prediction"] == evaluate.extract_answer(e["completion"])
-    assert 1 <= e["tokens"] <= 8 and e["nfe"] >= 1 and e["prompt_tokens_dropped"] > 0
-    assert not any(s in e["completion"] for s in evaluate.GSM8K_STOPS)
+  # The completions are what the decoding loop makes of the few-shot prompts, built here from
+  # the files: the shots the record names, each question, [bos], cut from the left to leave
+  # room for 8 new tokens, the three prompts and a repeat of the first in one batch of 4.
+  lines = (GSM8K / "train.jsonl").read_text().splitlines()
+  shots = [json.loads(lines[n - 1]) for n in r["fewshot_lines"]]
+  tests = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:3]]
+  run = run_lib.load_run(r["checkpoint"]["workdir"])
+  tok = run.tokenizer
+  prompts = [([tok.bos_id] + tok.encode(evaluate.gsm8k_prompt(shots, t["question"])))[-(64 - 8):]
+             for t in tests]
+  samples = decoding.generate(run.model, run.params, run.schedule, prompts + prompts[:1],
+                              decoding.make_policy("evo", window=4), max_new_tokens=8,
+                              context=64, eos_id=tok.eos_id, seed=1)
+  for e, t, sample in zip(r["examples"], tests, samples):
+    text = tok.decode(sample.tokens)
+    cut = min([text.find(s) for s in evaluate.GSM8K_STOPS if s in text] + [len(text)])
+    assert e["completion"] == text[:cut] and e["tokens"] == len(sample.tokens)
+    assert e["target"] == evaluate.extract_answer(t["answer"])
+    assert e["prediction"] == evaluate.extract_answer(text[:cut])
+    assert e["correct"] == (e["prediction"] == e["target"])
+    assert e["nfe"] == sample.nfe and e["prompt_tokens_dropped"] > 0
   d = r["decoding"]
   assert d["tokens_per_forward"] == pytest.approx(sum(e["tokens"] for e in r["examples"]) /
                                                   sum(e["nfe"] for e in r["examples"]))
@@ -116,15 +156,15 @@ def test_gsm8k_end_to_end(results):
 
 
 def test_humaneval_end_to_end(results):
-  """Sampled completions of real problems, run in the sandbox: pass@k from the per-sample
-  verdicts, with every setting recorded."""
-  from evo_jax import humaneval
+  """Sampled completions of a real problem, run in the sandbox: pass@k from the per-sample
+  verdicts, with every setting recorded (one problem: no standard error)."""
   out, _, records = results
   r = json.loads((out / "humaneval.json").read_text())
   assert r == json.loads(json.dumps(records["humaneval"]))
-  assert r["task"] == "humaneval" and r["n_examples"] == 2 and r["policy"] == "ar"
+  assert r["task"] == "humaneval" and r["n_examples"] == 1 and r["policy"] == "ar"
   assert r["temperature"] == 0.8 and r["max_new_tokens"] == 8
-  problems = humaneval.load_problems(limit=2)
+  assert r["metric"]["stderr"] is None and r["score_stderr"] is None
+  problems = humaneval.load_problems(limit=1)
   assert [e["task_id"] for e in r["examples"]] == [p["task_id"] for p in problems]
   per_problem = []
   for e in r["examples"]:
@@ -138,17 +178,27 @@ def test_humaneval_end_to_end(results):
                          "stderr": r["metrics"]["pass@1_stderr"]}
 
 
-def test_choice_scores_and_metrics(results):
+def test_choice_scores_and_metrics(results, tiny_run):
+  """Each choice's log-likelihood is the scorer's for `[bos] + context` then the choice's
+  tokens, scored here one pair at a time; the predictions and accuracies follow from them."""
   _, _, records = results
   r = records["choice"]
   assert r["benchmark"] == "ARC-C" and r["policy"] == "ar-path" and r["n_examples"] == 4
+  run = run_lib.load_run(tiny_run)
+  scorer = scoring.Scorer(run.model, run.params, run.context, batch_size=1)
+  tok = run.tokenizer
+  hits, hits_norm = [], []
   for e, c in zip(r["examples"], CHOICES):
-    assert e["prediction"] == int(np.argmax(e["logprobs"]))
-    per_byte = [lp / len(x.encode()) for lp, x in zip(e["logprobs"], c["choices"])]
+    logprobs = [scorer.score([([tok.bos_id] + tok.encode(c["context"]), tok.encode(x))])[0].logprob
+                for x in c["choices"]]
+    np.testing.assert_allclose(e["logprobs"], logprobs, rtol=1e-5, atol=1e-5)
+    per_byte = [lp / len(x.encode()) for lp, x in zip(logprobs, c["choices"])]
+    assert e["prediction"] == int(np.argmax(logprobs))
     assert e["prediction_norm"] == int(np.argmax(per_byte))
-    assert all(lp < 0 for lp in e["logprobs"])
-  assert r["metrics"]["acc"] == np.mean([e["prediction"] == c["label"]
-                                         for e, c in zip(r["examples"], CHOICES)])
+    hits.append(int(np.argmax(logprobs)) == c["label"])
+    hits_norm.append(int(np.argmax(per_byte)) == c["label"])
+  assert r["metrics"]["acc"] == np.mean(hits) and r["metrics"]["acc_norm"] == np.mean(hits_norm)
+  assert r["score"] == pytest.approx(100 * np.mean(hits_norm))
 
 
 def test_likelihood_on_files(tiny_run, tmp_path):
@@ -157,22 +207,22 @@ def test_likelihood_on_files(tiny_run, tmp_path):
   r = evaluate.main(["--workdir", tiny_run, "--task", "likelihood", "--corpus",
                      str(tmp_path / "docs.jsonl"), "--windows", "1,-1", "--batch_size", "4",
                      "--output", str(tmp_path / "lik.json")])
-  from evo_jax import data
   tok = data.Tokenizer(r["tokenizer"])
   counts = [len(tok.encode(d)) + 1 for d in docs]               # ids and eos, after bos
   assert [e["tokens"] for e in r["examples"]] == counts and r["metrics"]["tokens"] == sum(counts)
   nats = -sum(e["logprob"] for e in r["examples"]) / sum(counts)
   assert r["metrics"]["bits_per_token"] == pytest.approx(nats / math.log(2))
   assert r["metrics"]["perplexity"] == pytest.approx(math.exp(nats))
-  for name in ("bound_w1_bpt", "bound_wL_bpt"):
-    parts = sum(r["metrics"][name.replace("bound", t)] for t in ("diffusion", "recon", "prior"))
-    assert r["metrics"][name] == pytest.approx(parts) and r["metrics"][name] > 0
+  for w in ("1", "L"):      # the names of metrics.jsonl (evo_jax/measure.py)
+    parts = sum(r["metrics"][f"bound_w{w}_{t}_bpt"] for t in ("diffusion", "recon", "prior"))
+    total = r["metrics"][f"bound_w{w}_bpt"]
+    assert total == pytest.approx(parts) and total > 0
 
 
 def test_tables_in_the_papers_layout(results, tmp_path):
   out, _, _ = results
-  tables.main([str(out / n) for n in ("gsm8k_evo.json", "gsm8k_hot.json", "choice.json")]
-              + ["--out", str(tmp_path)])
+  tables.main([str(out / n) for n in ("gsm8k_evo.json", "gsm8k_hot.json", "choice.json",
+                                      "humaneval.json")] + ["--out", str(tmp_path)])
   with open(tmp_path / "benchmarks.csv") as f:
     rows = list(csv.reader(f))
   run = rows[0][-1]
@@ -184,9 +234,11 @@ def test_tables_in_the_papers_layout(results, tmp_path):
   assert by_name["ARC-C (0-shot)"][1:5] == ["47.9", "53.1", "63.7", "65.6"]
   assert "±" in by_name["ARC-C (0-shot)"][5] and "shot" not in by_name["ARC-C (0-shot)"][5]
   assert by_name["MMLU (5-shot)"][5] == ""
+  humaneval_score = json.loads((out / "humaneval.json").read_text())["score"]
+  assert by_name["HumanEval (0-shot)"][5] == f"{humaneval_score:.1f}"   # one problem: no ±
   with open(tmp_path / "decoding.csv") as f:
     decoding = list(csv.DictReader(f))
-  assert [d["policy"] for d in decoding] == ["evo", "evo"]
+  assert [d["policy"] for d in decoding] == ["evo", "evo", "ar"]
   assert decoding[0]["settings"].startswith("W=4 ") and float(decoding[0]["tokens/forward"]) >= 1
   with open(tmp_path / "ablation-gsm8k.csv") as f:
     ablation = list(csv.reader(f))

@@ -3,20 +3,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference
 from evo_jax import attention
-from evo_jax import decode
 from evo_jax import loss as loss_lib
 from evo_jax import model as model_lib
-from evo_jax import train
+from evo_jax import state as state_lib
 
 
 forward = jax.jit(loss_lib.two_stream_forward, static_argnums=0)
-ar_path_logits = jax.jit(decode.ar_path_logits, static_argnums=0)
 
 
 def make(cfg, seed=0):
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  return model, train.init_params(model, jax.random.key(seed))
+  return model, state_lib.init_params(model, jax.random.key(seed))
 
 
 def single_doc_batch(cfg, B=2, L=12, seed=0):
@@ -42,26 +41,25 @@ def test_fresh_time_conditioning_is_identity(small_cfg, time_cond):
 
 
 def test_ar_path_equals_independent_causal_computation(small_cfg):
-  """W = 1, t = 1: latent i's logits are next-token prediction from the clean prefix, equal to a
-  separate computation that sees only x_<i and one pure-noise latent at position i."""
+  """loss.ar_path_forward (W = 1, t = 1, one pass): latent i's logits are next-token prediction
+  from the clean prefix, equal to a separate computation that sees only x_<i and one
+  pure-noise latent at position i (the same noise: latent_noise of the key and position)."""
   model, params = make(small_cfg, seed=1)
   # Move the time conditioning off zero so that t really matters in this check.
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(9), p.shape),
                         params)
   batch = single_doc_batch(small_cfg, B=2, L=10)
   B, L = batch["tokens"].shape
-  eps = jax.random.normal(jax.random.key(5), (B, L, small_cfg.model.d_model))
-  ones = jnp.ones((B,), jnp.int32)
-  _, logits_z, _ = forward(
-      model, params, batch, eps, jnp.ones((B, L)), ones, 0 * ones)
+  key = jax.random.key(5)
+  _, logits_z = jax.jit(loss_lib.ar_path_forward, static_argnums=0)(model, params, batch, key)
   for n in range(L):
-    separate = ar_path_logits(model, params, batch["tokens"], jnp.full((B,), n),
-                                     eps[:, n])
+    separate = reference.ar_path_logits_at_jit(model, params, batch["tokens"],
+                                               jnp.full((B,), n), key)
     np.testing.assert_allclose(np.asarray(separate), np.asarray(logits_z[:, n]),
                                rtol=1e-5, atol=1e-5)
   # And the clean prefix really matters: another prefix changes the logits at the last position.
   other = batch["tokens"].at[:, 0].set((batch["tokens"][:, 0] + 1) % small_cfg.model.vocab_size)
-  changed = ar_path_logits(model, params, other, jnp.full((B,), L - 1), eps[:, -1])
+  changed = reference.ar_path_logits_at_jit(model, params, other, jnp.full((B,), L - 1), key)
   assert not np.allclose(np.asarray(changed), np.asarray(logits_z[:, -1]))
 
 
@@ -101,7 +99,6 @@ def test_tied_head_and_latent_scale(small_cfg):
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialisation_keeps_the_gradients(small_cfg, remat):
   """Remat trades memory for recomputation; the parameters and gradients stay the same."""
-  from evo_jax import loss as loss_lib
   batch = single_doc_batch(small_cfg, B=2, L=8)
   grads = []
   for policy in ("none", remat):

@@ -6,25 +6,21 @@ import sys
 
 import pytest
 
-from conftest import REPO, train_tiny_run
+import conftest
+from conftest import REPO
 from evo_jax import bench
 from evo_jax import sample
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, stdlib_tokenizer):
-  """A 4-step run of a small model with a 32-token context."""
-  return train_tiny_run(str(tmp_path_factory.mktemp("run")), stdlib_tokenizer, 32)
+@pytest.fixture
+def workdir(tiny_run):
+  return tiny_run      # 4 steps of the small model, a 64-token context
 
 
-def one_line_error(capsys, fn, *fragments):
-  with pytest.raises(SystemExit) as e:
-    fn()
-  assert e.value.code == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+def one_line_error(capsys, main, argv, *fragments):
+  line = conftest.one_line_error(capsys, main, argv)
   for fragment in fragments:
-    assert fragment in lines[0], lines[0]
+    assert fragment in line, line
 
 
 def test_bad_input_before_loading_the_run(tmp_path, capsys):
@@ -40,7 +36,7 @@ def test_bad_input_before_loading_the_run(tmp_path, capsys):
       (["--workdir", str(tmp_path / "nockpt"), "--prompt", "x"], "no checkpoint in"),
   ]
   for argv, *fragments in cases:
-    one_line_error(capsys, lambda: sample.main(argv), *fragments)
+    one_line_error(capsys, sample.main, argv, *fragments)
 
 
 def test_module_entry_point_exits_2():
@@ -53,12 +49,13 @@ def test_module_entry_point_exits_2():
 
 
 def test_prompt_longer_than_the_context(workdir, tmp_path, capsys):
-  one_line_error(capsys, lambda: sample.main(
-      ["--workdir", workdir, "--prompt", "def f(x):\n    return x\n" * 8]),
-      "prompt 1 has", "context is 32")
+  one_line_error(capsys, sample.main,
+                 ["--workdir", workdir, "--prompt", "def f(x):\n    return x\n" * 32],
+                 "prompt 1 has", "context is 64")
   (tmp_path / "p.jsonl").write_text('"def f():"\n""\n')
-  one_line_error(capsys, lambda: sample.main(
-      ["--workdir", workdir, "--prompts_file", str(tmp_path / "p.jsonl")]), "line 2: empty prompt")
+  one_line_error(capsys, sample.main,
+                 ["--workdir", workdir, "--prompts_file", str(tmp_path / "p.jsonl")],
+                 "line 2: empty prompt")
 
 
 def test_json_output_and_trajectory_png(workdir, tmp_path, capsys):
@@ -89,7 +86,7 @@ def test_bench_decode_table(workdir, tmp_path, capsys):
   for r in rows:
     assert r["nll"] > 0 and r["entropy"] >= 0
   assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["policy"] == "ar"
-  one_line_error(capsys, lambda: bench.main(["decode", "--workdir", workdir, "--nope=1"]),
+  one_line_error(capsys, bench.main, ["decode", "--workdir", workdir, "--nope=1"],
                  "unknown argument: --nope=1")
-  one_line_error(capsys, lambda: bench.main(["decode", "--workdir", workdir, "--prompt_len",
-                                             "30"]), "exceeds the model's context 32")
+  one_line_error(capsys, bench.main, ["decode", "--workdir", workdir, "--prompt_len", "30"],
+                 "--prompt_len + --max_new_tokens = 94", "context of 64 tokens")

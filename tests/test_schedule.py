@@ -30,7 +30,7 @@ def test_shift_moves_time_toward_noise():
 
 def test_linear_elbo_weight_matches_closed_form():
   """-1/2 SNR'(t) = (1 - t) / t^3 for the linear schedule (method.md section 7)."""
-  s = schedule.Schedule("linear")
+  s = schedule.Schedule("linear", 1.0)      # unshifted: the closed form is for shift 1
   t = jnp.linspace(0.1, 0.9, 9)
   lam, dlam = jax.jvp(s.log_snr, (t,), (jnp.ones_like(t),))
   np.testing.assert_allclose(0.5 * jnp.exp(lam) * jnp.abs(dlam), (1 - t) / t ** 3, rtol=1e-4)
@@ -38,4 +38,4 @@ def test_linear_elbo_weight_matches_closed_form():
 
 def test_bad_schedule_is_a_config_error():
   with pytest.raises(ConfigError, match="schedule.kind"):
-    schedule.Schedule("quadratic")
+    schedule.Schedule("quadratic", 1.0)

@@ -1,22 +1,15 @@
 """The AR-path scorer (evo_jax/scoring.py) against a computation that shares nothing with it:
-decode.ar_path_logits, the AR path recomputed from scratch for one position at a time."""
+reference.ar_path_logits, the AR path recomputed from scratch for one position at a time."""
 import jax
 import numpy as np
 import pytest
 
-from evo_jax import decode
-from evo_jax import sampler
+import reference
 from evo_jax import scoring
-import test_sampler
 
 CONTEXT = 24
-MODEL = test_sampler.MODEL
-model_params = test_sampler.model_params   # its fixture: a random model, sharpened, t-conditioned
 PAIRS = [([2, 5, 9], [12, 7, 30]), ([], [4, 4, 4, 8]), (list(range(10, 30)), [40, 41]),
          ([3] * 30, [6, 7, 8, 9, 10]), ([2], [])]
-
-
-ar_path_logits = jax.jit(decode.ar_path_logits, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,12 @@ def params(model_params):
   return model_params[1]
 
 
-def direct(params, context, continuation, seed):
+@pytest.fixture(scope="module")
+def model(model_params):
+  return model_params[0]
+
+
+def direct(model, params, context, continuation, seed):
   """log p(continuation | context) by ar_path_logits at each position, after the same
   left-truncation to the model's context."""
   context, continuation = scoring.truncate(context, continuation, CONTEXT)
@@ -34,30 +32,30 @@ def direct(params, context, continuation, seed):
   if not len(n):
     return 0.0, True
   rows_n = np.resize(n, CONTEXT)                  # padded with repeats, dropped below
-  eps = sampler.latent_noise(jax.random.key(seed), rows_n[:, None], 32)[:, 0]
   rows = np.broadcast_to(tokens, (CONTEXT, CONTEXT))
-  logits = np.asarray(ar_path_logits(MODEL, params, rows, rows_n, eps))[:len(n)]
+  logits = np.asarray(reference.ar_path_logits_at_jit(model, params, rows, rows_n,
+                                                      jax.random.key(seed)))[:len(n)]
   logp = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(n)), tokens[n]]
   return float(np.sum(logp)), bool(np.all(np.argmax(logits, -1) == tokens[n]))
 
 
 @pytest.fixture(scope="module")
-def scores(params):
-  return scoring.Scorer(MODEL, params, CONTEXT, batch_size=4, seed=3).score(PAIRS)
+def scores(model, params):
+  return scoring.Scorer(model, params, CONTEXT, batch_size=4, seed=3).score(PAIRS)
 
 
-def test_scores_equal_the_no_cache_ar_path(params, scores):
+def test_scores_equal_the_no_cache_ar_path(model, params, scores):
   for (context, continuation), s in zip(PAIRS, scores):
-    logprob, greedy = direct(params, context, continuation, seed=3)
+    logprob, greedy = direct(model, params, context, continuation, seed=3)
     assert s.n_tokens == len(continuation)
     assert s.logprob == pytest.approx(logprob, rel=1e-5, abs=1e-4)
     assert s.is_greedy == greedy
   assert scores[-1] == (0.0, True, 0)
 
 
-def test_batching_and_padding_change_nothing(params, scores):
-  alone = scoring.Scorer(MODEL, params, CONTEXT, batch_size=1, seed=3).score(PAIRS)
-  reversed_ = scoring.Scorer(MODEL, params, CONTEXT, batch_size=5, seed=3).score(PAIRS[::-1])[::-1]
+def test_batching_and_padding_change_nothing(model, params, scores):
+  alone = scoring.Scorer(model, params, CONTEXT, batch_size=1, seed=3).score(PAIRS)
+  reversed_ = scoring.Scorer(model, params, CONTEXT, batch_size=5, seed=3).score(PAIRS[::-1])[::-1]
   for a, b, c in zip(scores, alone, reversed_):
     assert a.n_tokens == b.n_tokens == c.n_tokens and a.is_greedy == b.is_greedy == c.is_greedy
     np.testing.assert_allclose([a.logprob, a.logprob], [b.logprob, c.logprob], rtol=1e-5, atol=1e-5)

@@ -4,10 +4,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import one_device, REPO
 from evo_jax import checkpoint
 from evo_jax import cli
 from evo_jax import metrics
+from evo_jax import model as model_lib
+from evo_jax import sharding
+from evo_jax import state as state_lib
 from evo_jax import train
 
 
@@ -16,28 +19,28 @@ def train_records(workdir):
 
 
 def run(cfg, workdir):
-  trainer = train.Trainer(cfg, str(workdir))
+  trainer = train.Trainer(cfg, str(workdir), devices=one_device())
   state = trainer.run(log=lambda *_: None)
   return trainer, state
 
 
 def test_tiny_config_loss_falls_on_the_standard_library(stdlib_tokenizer, tmp_path):
-  """configs/tiny.py's model and objective in a short run (40 steps of 8 x 64 tokens, a quicker
+  """configs/tiny.py's model and objective in a short run (20 steps of 8 x 64 tokens, a quicker
   warm-up and higher peak learning rate), with the session's small tokenizer."""
   cfg = cli.load_config_file(str(REPO / "configs/tiny.py"))
   cli.apply_overrides(cfg, [
       f"--config.data.tokenizer={stdlib_tokenizer}", "--config.model.vocab_size=512",
-      "--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.steps=40",
-      "--config.train.log_every=5", "--config.train.eval_every=40",
-      "--config.train.ckpt_every=40", "--config.train.eval_batches=2",
-      "--config.optim.warmup_steps=10", "--config.optim.lr=3e-3"])
+      "--config.data.batch_size=8", "--config.data.seq_len=64", "--config.train.steps=20",
+      "--config.train.log_every=5", "--config.train.eval_every=20",
+      "--config.train.ckpt_every=20", "--config.train.eval_batches=2",
+      "--config.optim.warmup_steps=5", "--config.optim.lr=3e-3"])
   run(cfg, tmp_path)
   records = train_records(tmp_path)
-  first, last = records[5], records[40]
+  first, last = records[5], records[20]
   assert last["loss"] < first["loss"] - 1.0, (first["loss"], last["loss"])
   assert last["ar_nll"] < first["ar_nll"]
   heldout = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "heldout"]
-  assert [r["step"] for r in heldout] == [40]
+  assert [r["step"] for r in heldout] == [20]
   assert heldout[0]["ar_ppl"] < 512                 # better than uniform over the vocabulary
   assert last["tokens_per_sec"] > 0
   for key in ("loss", "bound_wL_bpt", "bound_w1_bpt", "ar_nll", "ce_by_t", "time_abs_err", "lr",
@@ -69,7 +72,7 @@ def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
 
   # The checkpoint restores to identical parameters and optimizer state, and the restored data
   # iterator yields the batch that comes next.
-  fresh = train.Trainer(run_cfg, str(straight))
+  fresh = train.Trainer(run_cfg, str(straight), devices=one_device())
   ckpts = checkpoint.RunCheckpoints(str(straight))
   data_iter = iter(fresh.dataset("train"))
   restored = ckpts.restore(6, fresh.abstract_state, data_iter)
@@ -84,22 +87,13 @@ def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
 
 
 def sharded_step(cfg, batch, mesh_sizes, devices):
-  """One train step of a fresh model on a mesh: (loss, new params on the host)."""
-  from evo_jax import model as model_lib
-  from evo_jax import sharding
+  """One step of a fresh model as the Trainer runs it (train.build_step: jit_train_step with
+  its shardings, donation and activation constraints) on a mesh: (loss, new params)."""
   cfg.mesh.update(data=mesh_sizes[0], fsdp=mesh_sizes[1], tensor=mesh_sizes[2])
-  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
-  tx = train.make_optimizer(cfg.optim, 10)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
-  rules = sharding.logical_rules(cfg.sharding.rules)
-  state_sh = train.state_shardings(model, tx, mesh, rules)
-  state = jax.jit(lambda r: train.init_state(model, tx, r), out_shardings=state_sh)(
-      jax.random.key(0))
-  step = sharding.traced_under_rules(
-      jax.jit(train.make_train_step(model, tx, cfg),
-              in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-              out_shardings=(state_sh, sharding.replicated(mesh))), mesh, rules)
-  new_state, aux = step(state, sharding.global_batch(batch, mesh))
+  cfg.data.batch_size = len(batch["tokens"])
+  step = train.build_step(cfg, devices)
+  state = step.init(jax.random.key(0))
+  new_state, aux = step.fn(state, sharding.global_batch(batch, step.mesh))
   return float(aux["loss"]), jax.device_get(new_state.params)
 
 
@@ -126,10 +120,9 @@ def test_sharded_steps_equal_single_device(small_cfg, layout):
 
 def test_gradient_accumulation_equals_one_big_step(small_cfg):
   """Four micro-batches of 2 give the update of one batch of 8 (same draws, same counts)."""
-  from evo_jax import model as model_lib
   model = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
-  tx = train.make_optimizer(small_cfg.optim, 10)
-  state = train.init_state(model, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(small_cfg.optim, 10)
+  state = state_lib.init_state(model, tx, jax.random.key(0))
   rng = np.random.default_rng(0)
   seg = np.asarray([[1] * 10 + [2] * 4 + [0] * 2] * 4 + [[1] * 16] * 4, np.int32)
   batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32), "segment_ids": seg,

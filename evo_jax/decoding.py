@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evo_jax import schedule
 from evo_jax.errors import UserError
 from evo_jax.model import EvoTransformer
 
@@ -53,16 +54,19 @@ STOP_REASONS = {0: "running", 1: "eos", 2: "length"}
 T_EPS = 1e-4        # t' <= tau_c + T_EPS commits: K steps of 1/K must reach t = 0 despite rounding
 
 
-class SamplerError(UserError):
+class DecodingError(UserError):
   pass
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """The settings of the decoding loop (see the module docstring for where each one acts)."""
-  name: str = "evo"
-  window: int = 8             # W latents decoded together; 0: the whole generation
-  steps: int = 1              # K: the fixed step is Delta = 1 / K
+  """The settings of the decoding loop (see the module docstring for where each one acts).
+  `name`, `window` and `steps` have no default; the other defaults leave their mechanism off
+  (fixed steps of 1/K, no early commit, no re-noising), so POLICIES below says all a policy
+  changes."""
+  name: str
+  window: int                 # W latents decoded together; 0: the whole generation
+  steps: int                  # K: the fixed step is Delta = 1 / K
   adaptive: bool = False      # evo: Delta_i from the confidence and the time head
   delta_min: float = 0.25     # evo: bounds of the adaptive step
   delta_max: float = 1.0
@@ -77,18 +81,18 @@ class Policy:
 
   def __post_init__(self):
     if self.window < 0 or self.steps < 1 or self.n_max < 0:
-      raise SamplerError(f"policy {self.name}: window must be >= 0 and steps >= 1, n_max >= 0 "
+      raise DecodingError(f"policy {self.name}: window must be >= 0 and steps >= 1, n_max >= 0 "
                          f"(got window={self.window}, steps={self.steps}, n_max={self.n_max})")
     if not 0 < self.delta_min <= self.delta_max <= 1:
-      raise SamplerError(f"policy {self.name}: need 0 < delta_min <= delta_max <= 1 (got "
+      raise DecodingError(f"policy {self.name}: need 0 < delta_min <= delta_max <= 1 (got "
                          f"{self.delta_min}, {self.delta_max})")
     if self.confidence not in CONFIDENCES:
-      raise SamplerError(f"policy {self.name}: confidence must be one of {CONFIDENCES}, "
+      raise DecodingError(f"policy {self.name}: confidence must be one of {CONFIDENCES}, "
                          f"got {self.confidence!r}")
     if self.sharpness <= 0:
-      raise SamplerError(f"policy {self.name}: sharpness must be > 0, got {self.sharpness}")
+      raise DecodingError(f"policy {self.name}: sharpness must be > 0, got {self.sharpness}")
     if not 0 <= self.noise <= 1:
-      raise SamplerError(f"policy {self.name}: noise must be in [0, 1], got {self.noise}")
+      raise DecodingError(f"policy {self.name}: noise must be in [0, 1], got {self.noise}")
 
   def resolved_window(self, max_new_tokens):
     return min(self.window or max_new_tokens, max_new_tokens)
@@ -96,29 +100,38 @@ class Policy:
   def resolved_n_max(self):
     return self.n_max or self.steps
 
+  def describe(self, max_new_tokens):
+    """The settings that matter, in a few characters (tables and benchmark rows)."""
+    W = self.resolved_window(max_new_tokens)
+    if self.adaptive:
+      return (f"W={W} D=[{self.delta_min:g},{self.delta_max:g}]*c^{self.sharpness:g} "
+              f"gamma={self.gamma:g} tau={self.tau_c:g} Nmax={self.resolved_n_max()}"
+              + (" +t_hat" if self.use_time_head else ""))
+    return f"W={W} K={self.steps}"
 
-# The evo defaults were picked by measurement on a tiny run (README.md, "Decoding"): there,
-# latents that mature before their neighbours are known cost likelihood, so only confident
-# tokens mature fast (sharpness 4), and the time head's push is off (its estimate at t = 1 is
+
+# The evo defaults were picked by measurement on a tiny run (docs/decoding.md, "How evo's
+# settings trade speed for likelihood"): there, latents that mature before their neighbours
+# are known cost likelihood, so only confident tokens mature fast (sharpness 4), and the time head's push is off (its estimate at t = 1 is
 # about 0.87, which moved every latent forward). n_max = 1: the leftmost latent commits at every
 # pass, so evo never takes more passes than ar.
 POLICIES = {
     "ar": Policy("ar", window=1, steps=1),
     "diffusion": Policy("diffusion", window=0, steps=16),
     "block": Policy("block", window=8, steps=4),
-    "evo": Policy("evo", window=4, adaptive=True, delta_min=0.01, delta_max=1.0, sharpness=4.0,
-                  tau_c=0.0, gamma=0.3, n_max=1, use_time_head=False),
+    "evo": Policy("evo", window=4, steps=1, adaptive=True, delta_min=0.01, sharpness=4.0,
+                  gamma=0.3, n_max=1),
 }
 
 
 def make_policy(name, **settings):
-  """POLICIES[name] with some settings changed; a one-line SamplerError for a wrong name."""
+  """POLICIES[name] with some settings changed; a one-line DecodingError for a wrong name."""
   if name not in POLICIES:
-    raise SamplerError(f"unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
+    raise DecodingError(f"unknown policy {name!r} (expected one of {', '.join(POLICIES)})")
   fields = {f.name: f for f in dataclasses.fields(Policy)}
   for key in settings:
     if key not in fields or key == "name":
-      raise SamplerError(f"unknown policy setting {key!r} (expected one of "
+      raise DecodingError(f"unknown policy setting {key!r} (expected one of "
                          f"{', '.join(k for k in fields if k != 'name')})")
   return dataclasses.replace(POLICIES[name], **settings)
 
@@ -163,14 +176,6 @@ def next_times(policy, t_BxW, conf_BxW, t_hat_BxW):
   if policy.renoise_below > 0:
     t_new = jnp.where(conf_BxW < policy.renoise_below, jnp.minimum(1.0, t_BxW + lo), t_new)
   return t_new
-
-
-def latent_noise(rng, positions_BxW, dim):
-  """The pure noise a latent enters the window with: a function of the seed and its position
-  only, so that any decoder (or a test) can reproduce it."""
-  key = jax.random.fold_in(rng, 0)
-  draw = lambda p: jax.random.normal(jax.random.fold_in(key, p), (dim,))
-  return jax.vmap(jax.vmap(draw))(positions_BxW)
 
 
 def step_mask(pend_valid_BxW, valid_BxW):
@@ -237,7 +242,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       cache_v=jnp.zeros(cache_shape, v_new.dtype).at[:, :, :P].set(v_new),
       n_cached=prompt_len_B,
       pending=jnp.zeros((B, W), jnp.int32), n_pending=jnp.zeros((B,), jnp.int32),
-      z=latent_noise(rng, prompt_len_B[:, None] + j_W, D),
+      z=schedule.latent_noise(rng, prompt_len_B[:, None] + j_W, D),
       t=jnp.ones((B, W)), age=jnp.zeros((B, W), jnp.int32),
       tokens=jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BxP),
       done=prompt_len_B >= limit_B, stop=jnp.zeros((B,), jnp.int32),
@@ -299,7 +304,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     entering = src >= W
     src = jnp.minimum(src, W - 1)
     slide = lambda x: jnp.take_along_axis(x, src.reshape(src.shape + (1,) * (x.ndim - 2)), axis=1)
-    z = jnp.where(entering[..., None], latent_noise(rng, n_committed[:, None] + j_W, D), slide(z))
+    fresh = schedule.latent_noise(rng, n_committed[:, None] + j_W, D)
+    z = jnp.where(entering[..., None], fresh, slide(z))
     t = jnp.where(entering, 1.0, slide(t_new))
     age = jnp.where(entering, 0, slide(age))
 
@@ -371,9 +377,9 @@ def _compiled_decode(args, static):
 def check_prompts(prompts, context):
   for i, ids in enumerate(prompts):
     if len(ids) == 0:
-      raise SamplerError(f"prompt {i + 1} is empty")
+      raise DecodingError(f"prompt {i + 1} is empty")
     if len(ids) >= context:
-      raise SamplerError(f"prompt {i + 1} has {len(ids)} tokens but the model's context is "
+      raise DecodingError(f"prompt {i + 1} has {len(ids)} tokens but the model's context is "
                          f"{context}: no room to generate")
 
 
@@ -386,9 +392,9 @@ def generate(model, params, sched, prompts, policy, *, max_new_tokens, context, 
   """
   check_prompts(prompts, context)
   if max_new_tokens < 1:
-    raise SamplerError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:
-    raise SamplerError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    raise DecodingError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
   B = len(prompts)
   P = -(-max(len(p) for p in prompts) // 16) * 16
   buf = np.zeros((B, P), np.int32)
@@ -425,7 +431,7 @@ def plot_trajectory(trajectory, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
-    raise SamplerError("drawing a trajectory needs matplotlib: pip install -e '.[plot]'") from None
+    raise DecodingError("drawing a trajectory needs matplotlib: pip install -e '.[plot]'") from None
   traj = np.asarray(trajectory)
   fig, ax = plt.subplots(figsize=(min(2 + 0.12 * traj.shape[1], 16), min(1.5 + 0.12 * traj.shape[0], 12)))
   im = ax.imshow(traj, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")

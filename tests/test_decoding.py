@@ -1,42 +1,30 @@
-"""The decoding loop (evo_jax/sampler.py): exact where the math is exact.
+"""The decoding loop (evo_jax/decoding.py): exact where the math is exact.
 
 A small random model with its time conditioning moved off zero (so that t and the latents really
 matter) decodes prompts of different lengths in one batch; each policy is checked against a
 computation that shares nothing with the loop: AR decoding recomputed from scratch without a
 cache, the training-time AR path, a fresh encoding of the clean prefix.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference
+from conftest import small_config, small_model
 from evo_jax import attention
-from evo_jax import decode
+from evo_jax import decoding
 from evo_jax import loss as loss_lib
 from evo_jax import model as model_lib
-from evo_jax import sampler
 from evo_jax import schedule as schedule_lib
-from evo_jax import train
 
-SCHED = schedule_lib.Schedule()
+SCHED = schedule_lib.from_config(small_config().schedule)
 PROMPTS = [[5, 9, 12, 7, 30], list(range(10, 19)), [2]]      # three lengths, one batch
 G = 12                                                       # new tokens
 CONTEXT = 32
-
-
-MODEL = model_lib.EvoTransformer(model_lib.ModelConfig(
-    vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, time_dim=32,
-    fourier_dim=16))
-
-
-@pytest.fixture(scope="module")
-def model_params():
-  @jax.jit
-  def init(rng):
-    params = train.init_params(MODEL, rng)
-    # Sharper than at init, so that confidence spans (0, 1), and t-conditioning switched on.
-    return jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(9), p.shape), params)
-  return MODEL, init(jax.random.key(1))
+MODEL = small_model()    # the model of conftest's model_params
 
 
 def padded(prompts=PROMPTS, G=G):
@@ -52,7 +40,7 @@ def run(model_params, policy, prompts=PROMPTS, seed=0, temperature=0.0, top_p=1.
         record=False, G=G):
   model, params = model_params
   buf, lens, limit = padded(prompts, G)
-  out = sampler.decode_batch(model, params, SCHED, buf, lens, limit, jax.random.key(seed),
+  out = decoding.decode_batch(model, params, SCHED, buf, lens, limit, jax.random.key(seed),
                              policy=policy, max_new_tokens=G, temperature=temperature,
                              top_p=top_p, eos_id=eos_id, record=record)
   out = jax.device_get(out)
@@ -60,50 +48,43 @@ def run(model_params, policy, prompts=PROMPTS, seed=0, temperature=0.0, top_p=1.
   return out
 
 
-@jax.jit
-def _uncached_step(params, buf, n_B, rng):
-  return decode.ar_path_logits(MODEL, params, buf, n_B, sampler.latent_noise(
-      rng, n_B[:, None], MODEL.cfg.d_model)[:, 0])
-
-
 def uncached_greedy(params, prompts, n_new, seed=0):
-  """AR decoding recomputed from scratch at every step (decode.ar_path_logits, no cache), with
-  the noise the sampler gives the latent at each position; all rows step together."""
+  """AR decoding recomputed from scratch at every step (reference.ar_path_logits, no cache),
+  with the noise the decoding loop gives the latent at each position; all rows step
+  together."""
   buf = np.zeros((len(prompts), 16 + n_new), np.int32)
   lens = np.asarray([len(p) for p in prompts])
   for b, p in enumerate(prompts):
     buf[b, :len(p)] = p
   for step in range(n_new):
-    logits = _uncached_step(params, jnp.asarray(buf), jnp.asarray(lens + step), jax.random.key(seed))
+    logits = reference.ar_path_logits_at_jit(MODEL, params, jnp.asarray(buf),
+                                             jnp.asarray(lens + step), jax.random.key(seed))
     buf[np.arange(len(prompts)), lens + step] = np.asarray(jnp.argmax(logits, -1))
   return [list(buf[b, lens[b]:lens[b] + n_new]) for b in range(len(prompts))]
 
 
 def test_ar_with_cache_equals_uncached_greedy_and_the_ar_path_argmax(model_params):
-  out = run(model_params, sampler.POLICIES["ar"])
+  out = run(model_params, decoding.POLICIES["ar"])
   assert out["new"] == uncached_greedy(model_params[1], PROMPTS, G)
   np.testing.assert_array_equal(out["nfe"], [G] * len(PROMPTS))
   np.testing.assert_array_equal(out["stop"], [2] * len(PROMPTS))
-  # The training-time AR path (latent stream, W = 1, t = 1, one pass over the final sequence)
-  # puts its argmax on every decoded token.
+  # The one-pass AR path of training and scoring (latent stream, W = 1, t = 1, over the final
+  # sequence) puts its argmax on every decoded token.
   model, params = model_params
   tokens = jnp.asarray(out["tokens"])
   B, L = tokens.shape
   pos = jnp.broadcast_to(jnp.arange(L), (B, L))
   batch = {"tokens": tokens, "positions": pos,
            "segment_ids": (pos < jnp.asarray(out["length"])[:, None]).astype(jnp.int32)}
-  z = sampler.latent_noise(jax.random.key(0), pos, model.cfg.d_model)
-  ones = jnp.ones((B,), jnp.int32)
-  _, logits_z, _ = loss_lib.two_stream_forward(model, params, batch, z, jnp.ones((B, L)), ones,
-                                               0 * ones)
+  _, logits_z = loss_lib.ar_path_forward(model, params, batch, jax.random.key(0))
   argmax = np.asarray(jnp.argmax(logits_z, -1))
   for b, prompt in enumerate(PROMPTS):
     np.testing.assert_array_equal(argmax[b, len(prompt):out["length"][b]], out["new"][b])
 
 
 @pytest.mark.parametrize("policy", [
-    sampler.POLICIES["ar"],
-    sampler.make_policy("evo", window=4, gamma=0.0)])      # commits 4 tokens per forward
+    decoding.POLICIES["ar"],
+    decoding.make_policy("evo", window=4, gamma=0.0)])      # commits 4 tokens per forward
 def test_cached_keys_and_values_equal_a_fresh_encoding(model_params, policy):
   model, params = model_params
   out = run(model_params, policy)
@@ -125,7 +106,7 @@ def test_cached_keys_and_values_equal_a_fresh_encoding(model_params, policy):
 
 def test_evo_without_early_commits_is_one_token_per_forward(model_params):
   """Confidence never high enough, t never low enough: only the forced leftmost commit."""
-  out = run(model_params, sampler.make_policy("evo", window=4, gamma=2.0, tau_c=-1.0),
+  out = run(model_params, decoding.make_policy("evo", window=4, gamma=2.0, tau_c=-1.0),
             record=True)
   np.testing.assert_array_equal(out["nfe"], [G] * len(PROMPTS))
   for b in range(len(PROMPTS)):
@@ -134,41 +115,41 @@ def test_evo_without_early_commits_is_one_token_per_forward(model_params):
   assert np.min(out["trajectory"][:G]) == 0.0 and 0 < np.max(
       np.where(out["trajectory"][:G] < 1, out["trajectory"][:G], 0)) < 1
   # ... and committing whenever confident enough is faster (gamma = 0: the whole window).
-  fast = run(model_params, sampler.make_policy("evo", window=4, gamma=0.0))
+  fast = run(model_params, decoding.make_policy("evo", window=4, gamma=0.0))
   np.testing.assert_array_equal(fast["nfe"], [G // 4] * len(PROMPTS))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_evo_with_window_one_equals_ar(model_params, temperature):
-  ar = run(model_params, sampler.POLICIES["ar"], temperature=temperature, seed=3)
-  evo = run(model_params, sampler.make_policy("evo", window=1), temperature=temperature, seed=3)
+  ar = run(model_params, decoding.POLICIES["ar"], temperature=temperature, seed=3)
+  evo = run(model_params, decoding.make_policy("evo", window=1), temperature=temperature, seed=3)
   assert evo["new"] == ar["new"]
   np.testing.assert_array_equal(evo["nfe"], ar["nfe"])
 
 
 def test_diffusion_and_block_forward_counts(model_params):
   K = 5
-  out = run(model_params, sampler.make_policy("diffusion", steps=K))
+  out = run(model_params, decoding.make_policy("diffusion", steps=K))
   np.testing.assert_array_equal(out["nfe"], [K] * len(PROMPTS))
   assert all(len(n) == G for n in out["new"])
   np.testing.assert_array_equal(out["committed_at"], K - 1)
-  out = run(model_params, sampler.make_policy("block", window=4, steps=3))
+  out = run(model_params, decoding.make_policy("block", window=4, steps=3))
   np.testing.assert_array_equal(out["nfe"], [3 * G // 4] * len(PROMPTS))
   np.testing.assert_array_equal(out["committed_at"][:, :8], [[2] * 4 + [5] * 4] * len(PROMPTS))
 
 
 def test_eos_and_context_stops(model_params):
-  ref = run(model_params, sampler.POLICIES["ar"])
+  ref = run(model_params, decoding.POLICIES["ar"])
   eos = int(ref["new"][0][3])             # make row 0's fourth token the end of sequence
-  out = run(model_params, sampler.POLICIES["ar"], eos_id=eos)
+  out = run(model_params, decoding.POLICIES["ar"], eos_id=eos)
   for b in range(len(PROMPTS)):
     expected = ref["new"][b][:ref["new"][b].index(eos) + 1] if eos in ref["new"][b] else ref["new"][b]
     assert out["new"][b] == expected
-    assert sampler.STOP_REASONS[int(out["stop"][b])] == ("eos" if eos in ref["new"][b] else "length")
+    assert decoding.STOP_REASONS[int(out["stop"][b])] == ("eos" if eos in ref["new"][b] else "length")
     assert out["nfe"][b] == len(expected)
   model, params = model_params
-  samples = sampler.generate(model, params, SCHED, [list(range(4, 4 + CONTEXT - 3)), [4, 5]],
-                             sampler.POLICIES["evo"], max_new_tokens=G, context=CONTEXT,
+  samples = decoding.generate(model, params, SCHED, [list(range(4, 4 + CONTEXT - 3)), [4, 5]],
+                             decoding.POLICIES["evo"], max_new_tokens=G, context=CONTEXT,
                              eos_id=-1)
   assert [len(s.tokens) for s in samples] == [3, G]
   assert [s.stop_reason for s in samples] == ["context", "length"]
@@ -178,11 +159,11 @@ def test_batched_prompts_decode_as_if_alone(model_params):
   """Rows of different lengths share nothing. (Between batch sizes XLA's float32 rounding may
   differ by an ulp, which argmax absorbs but evo's iterated thresholds need not: evo is compared
   at the same batch shape, with the other rows changed.)"""
-  batch = run(model_params, sampler.POLICIES["ar"])
+  batch = run(model_params, decoding.POLICIES["ar"])
   for b, prompt in enumerate(PROMPTS):
-    alone = run(model_params, sampler.POLICIES["ar"], prompts=[prompt])
+    alone = run(model_params, decoding.POLICIES["ar"], prompts=[prompt])
     assert alone["new"][0] == batch["new"][b]
-  policy = sampler.make_policy("evo", window=4)
+  policy = decoding.make_policy("evo", window=4)
   batch = run(model_params, policy)
   others = run(model_params, policy, prompts=[PROMPTS[0], [40, 41], list(range(20, 34))])
   assert others["new"][0] == batch["new"][0] and others["nfe"][0] == batch["nfe"][0]
@@ -190,7 +171,7 @@ def test_batched_prompts_decode_as_if_alone(model_params):
 
 
 def test_fixed_seed_is_reproducible(model_params):
-  policy = sampler.make_policy("evo", window=4)
+  policy = decoding.make_policy("evo", window=4)
   a = run(model_params, policy, seed=7, temperature=1.0, top_p=0.9)
   b = run(model_params, policy, seed=7, temperature=1.0, top_p=0.9)
   c = run(model_params, policy, seed=8, temperature=1.0, top_p=0.9)
@@ -201,7 +182,7 @@ def test_fixed_seed_is_reproducible(model_params):
 def test_choose_tokens_greedy_top_p_and_temperature():
   logits = jnp.log(jnp.asarray([0.1, 0.5, 0.3, 0.1]))
   keys = jax.random.split(jax.random.key(0), 4000)
-  draw = jax.jit(jax.vmap(lambda k, T, p: sampler.choose_tokens(k, logits[None, None], T, p)[0, 0],
+  draw = jax.jit(jax.vmap(lambda k, T, p: decoding.choose_tokens(k, logits[None, None], T, p)[0, 0],
                           in_axes=(0, None, None)))
   assert set(np.asarray(draw(keys, 0.0, 1.0)).tolist()) == {1}        # temperature 0: argmax
   assert set(np.asarray(draw(keys, 1.0, 1e-6)).tolist()) == {1}       # a nucleus of one
@@ -214,40 +195,39 @@ def test_choose_tokens_greedy_top_p_and_temperature():
 
 def test_trajectory_heatmap(model_params, tmp_path):
   model, params = model_params
-  [s] = sampler.generate(model, params, SCHED, [PROMPTS[0]], sampler.POLICIES["evo"],
+  [s] = decoding.generate(model, params, SCHED, [PROMPTS[0]], decoding.POLICIES["evo"],
                          max_new_tokens=G, context=CONTEXT, eos_id=-1, record=True)
   assert s.trajectory.shape == (s.nfe, len(s.tokens))
   assert np.all(s.trajectory[-1] == 0.0)                             # all committed at the end
-  sampler.plot_trajectory(s.trajectory, tmp_path / "t.png")
+  decoding.plot_trajectory(s.trajectory, tmp_path / "t.png")
   assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_input_is_a_one_line_error(model_params):
   model, params = model_params
-  gen = lambda prompts, **kw: sampler.generate(
-      model, params, SCHED, prompts, sampler.POLICIES["ar"], context=CONTEXT, eos_id=-1,
+  gen = lambda prompts, **kw: decoding.generate(
+      model, params, SCHED, prompts, decoding.POLICIES["ar"], context=CONTEXT, eos_id=-1,
       **{"max_new_tokens": 4, **kw})
   cases = [
-      (lambda: sampler.make_policy("beam"), "unknown policy 'beam'"),
-      (lambda: sampler.make_policy("evo", windw=3), "unknown policy setting 'windw'"),
-      (lambda: sampler.make_policy("evo", delta_min=0.0), "delta_min"),
+      (lambda: decoding.make_policy("beam"), "unknown policy 'beam'"),
+      (lambda: decoding.make_policy("evo", windw=3), "unknown policy setting 'windw'"),
+      (lambda: decoding.make_policy("evo", delta_min=0.0), "delta_min"),
       (lambda: gen([[]]), "prompt 1 is empty"),
       (lambda: gen([[4], list(range(CONTEXT))]), "prompt 2 has 32 tokens"),
       (lambda: gen([[4]], max_new_tokens=0), "max_new_tokens"),
       (lambda: gen([[4]], top_p=0.0), "top_p"),
   ]
   for fn, fragment in cases:
-    with pytest.raises(sampler.SamplerError) as e:
+    with pytest.raises(decoding.DecodingError) as e:
       fn()
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 def test_scanned_layers_decode_the_same(model_params):
   """With model.scan_layers the per-layer cache is the scan's input: the same tokens."""
-  import dataclasses
   model, params = model_params
   scanned = model_lib.EvoTransformer(dataclasses.replace(model.cfg, scan_layers=True))
   stacked = {"params": model_lib.stack_layers(params["params"], model.cfg.n_layers)}
-  a = run((model, params), sampler.POLICIES["evo"])
-  b = run((scanned, stacked), sampler.POLICIES["evo"])
+  a = run((model, params), decoding.POLICIES["evo"])
+  b = run((scanned, stacked), decoding.POLICIES["evo"])
   assert a["new"] == b["new"] and list(a["nfe"]) == list(b["nfe"])

@@ -1,0 +1,103 @@
+"""A run's train state: its parameters and optimizer, how they are initialised, and where every
+array of the state lives on a device mesh.
+
+`state_layout(cfg, mesh)` is what the Trainer, checkpoint loading (run.py), Hugging Face import
+(convert.py) and ahead-of-time compilation (aot.py) all build from a config.
+"""
+import functools
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from evo_jax import checkpoint
+from evo_jax import model as model_lib
+from evo_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+
+
+def learning_rate_fn(ocfg, total_steps):
+  decay_steps = ocfg.decay_steps or total_steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=ocfg.lr, warmup_steps=ocfg.warmup_steps,
+      decay_steps=max(decay_steps, ocfg.warmup_steps + 1), end_value=ocfg.lr * ocfg.min_lr_ratio)
+
+
+def make_optimizer(ocfg, total_steps):
+  """AdamW with warm-up, cosine decay and global-norm clipping; no decay on vectors (norms,
+  biases). optim.pretrained_lr_scale != 1 scales the steps of every parameter but the time
+  conditioning and time head (model.is_time_param): the learning-rate groups of a model
+  adapted from a pretrained AR one, whose backbone moves slower than its new parameters."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(ocfg.clip_norm),
+           optax.adamw(learning_rate_fn(ocfg, total_steps), b1=ocfg.b1, b2=ocfg.b2,
+                       weight_decay=ocfg.weight_decay, mask=decay_mask)]
+  if ocfg.pretrained_lr_scale != 1.0:
+    pretrained = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: not model_lib.is_time_param(path), params)
+    parts.append(optax.masked(optax.scale(ocfg.pretrained_lr_scale), pretrained))
+  return optax.chain(*parts)
+
+
+def init_params(model, rng, seq_len=8, unbox=True):
+  """Fresh float32 parameters. unbox=False keeps flax's logical-axis boxes, from which
+  `state_shardings` reads where each array goes. Jitted: run op by op, an initialisation
+  dispatches hundreds of small computations."""
+  return _init_params(model, rng, seq_len, unbox)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_params(model, rng, seq_len, unbox):
+  B, L, D = 1, seq_len, model.cfg.d_model
+  tokens = jnp.zeros((B, L), jnp.int32)
+  variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
+                         jnp.zeros((B, L)), jnp.zeros((B, L), jnp.int32),
+                         jnp.ones((B, L, L), bool))
+  return nn.meta.unbox(variables) if unbox else variables
+
+
+def init_state(model, tx, rng, unbox=True):
+  """A fresh train state (step 0, fresh parameters and optimizer moments), jitted."""
+  return _init_state(model, tx, rng, unbox)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _init_state(model, tx, rng, unbox):
+  params = init_params(model, rng, unbox=unbox)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def state_shardings(model, tx, mesh, rules):
+  """The NamedSharding of every leaf of the train state: the optimizer's moments follow their
+  parameters, scalars are replicated."""
+  boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False), jax.random.key(0))
+  return sharding.tree_shardings(boxed, mesh, rules)
+
+
+class StateLayout(NamedTuple):
+  """A run's model and optimizer with where its train state lives on a mesh."""
+  model: model_lib.EvoTransformer
+  tx: optax.GradientTransformation
+  shardings: TrainState     # NamedSharding of every leaf
+  abstract: TrainState      # ShapeDtypeStructs with those shardings (for restores, lowering)
+  init: object              # key -> a fresh state, laid out so
+
+
+def state_layout(cfg, mesh) -> StateLayout:
+  """What the Trainer, checkpoint loading, import and ahead-of-time compilation all build from
+  a config: the model, the optimizer and the train state's layout on `mesh`."""
+  model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
+  tx = make_optimizer(cfg.optim, cfg.train.steps)
+  shardings = state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
+  init = lambda rng: init_state(model, tx, rng)
+  abstract = checkpoint.abstract_like(jax.eval_shape(init, jax.random.key(cfg.seed)), shardings)
+  return StateLayout(model, tx, shardings, abstract, jax.jit(init, out_shardings=shardings))

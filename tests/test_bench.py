@@ -1,0 +1,45 @@
+"""`python -m evo_jax.bench train | bound | memory` on small settings: each prints its table, with
+progress on stderr (bench decode: test_sample_cli.py)."""
+import pytest
+
+from conftest import REPO, SMALL_MODEL
+from evo_jax import bench
+
+TINY = str(REPO / "configs" / "tiny.py")
+
+
+def small(tokenizer):
+  """The small model with one layer (these tests compile the train step: the fewer layers the
+  quicker), on 8 rows (one per simulated device) of 32 tokens."""
+  return [f"--config.model.{k}={v}" for k, v in dict(SMALL_MODEL, vocab_size=512,
+                                                      n_layers=1).items()] + [
+      f"--config.data.tokenizer={tokenizer}", "--config.data.seq_len=32",
+      "--config.data.batch_size=8"]
+
+
+def test_bench_train_times_the_trainers_step(stdlib_tokenizer, capsys):
+  bench.main(["train", "--config", TINY, "--steps", "2", *small(stdlib_tokenizer)])
+  out = capsys.readouterr()
+  assert "median step: " in out.out and " tokens/s | batch 8 x 32" in out.out
+  assert "timing: 2 steps done in" in out.err
+
+
+def test_bench_bound_rows_add_up(tiny_run, capsys):
+  bench.main(["bound", "--workdir", tiny_run, "--log_snr_max", "4,0", "--batches", "1"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  header = lines[2].split(" | ")
+  assert header[:3] == ["lambda_min", "lambda_max", "bound_w1"]
+  rows = [dict(zip(header, map(float, line.replace(",", "").split(" | ")))) for line in lines[3:]]
+  assert [(r["lambda_min"], r["lambda_max"]) for r in rows] == [(-12, 4), (-12, 0)]
+  for r in rows:
+    parts = r["bound_w1_diffusion"] + r["bound_w1_recon"] + r["bound_w1_prior"]
+    assert r["bound_w1"] == pytest.approx(parts, abs=0.01) and r["AR-path"] > 0
+
+
+def test_bench_memory_compiles_the_trainers_step(stdlib_tokenizer, capsys):
+  bench.main(["memory", "--config", TINY, "--seq_len", "32", "--chunk", "16", "--batch_size",
+              "2", *small(stdlib_tokenizer)])
+  *_, row = capsys.readouterr().out.strip().splitlines()
+  L, dense, chunked, ratio = (float(x.replace(",", "")) for x in row.split(" | "))
+  assert L == 32 and dense > 0 and chunked > 0
+  assert ratio == pytest.approx(dense / chunked, rel=0.05)      # of the rounded figures
