@@ -184,7 +184,8 @@ def add_generation_args(p, max_new_tokens):
   p.set_defaults(task_max_new_tokens=max_new_tokens)
 
 
-def generation_length(given, task_default, context, log=print):
+def generation_length(given, task_default, context,
+                      log=lambda line: print(line, file=sys.stderr)):
   """--max_new_tokens as given (it must leave room for a prompt), else the task's default
   capped to half the context, with a one-line notice when capped."""
   if given is not None:
