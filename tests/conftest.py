@@ -115,13 +115,3 @@ def tiny_run(tmp_path_factory, stdlib_tokenizer):
   train.Trainer(cfg, path, devices=one_device()).run(log=lambda *_: None)
   return path
 
-
-# The longest files first: pytest-xdist (pytest.ini) hands whole files to its workers in this
-# order, so that no long file is left to run alone at the end.
-LONGEST_FIRST = ("test_multiprocess.py", "test_train.py", "test_loss.py", "test_convert.py",
-                 "test_evaluate.py", "test_cli.py", "test_harness.py", "test_model.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
