@@ -18,7 +18,7 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
            each continuation's own token frequencies: low when it repeats itself). The held-out
            text's own continuation is the reference row.
 
-        python -m evo_jax.bench decode --workdir DIR [--policies ar,diffusion,block,evo]
+        python -m evo_jax.bench decode --workdir DIR [--policies ar,ar_clean,diffusion,block,evo]
             [--n_prompts 16] [--prompt_len 32] [--max_new_tokens 64] [--batch_size 16]
             [--temperature 0] [--top_p 1] [--seed 0] [--repeats 3] [--json FILE]
             [--NAME.SETTING=VALUE ...]
@@ -172,7 +172,7 @@ def format_table(rows):
 
 def add_decode_args(p):
   p.add_argument("--workdir", required=True)
-  p.add_argument("--policies", default="ar,diffusion,block,evo")
+  p.add_argument("--policies", default="ar,ar_clean,diffusion,block,evo")
   p.add_argument("--n_prompts", type=int, default=16)
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--max_new_tokens", type=int, default=64)

@@ -28,6 +28,9 @@ One iteration is one forward pass of [pending | window] (2W inputs) against the 
 
 Policies (`POLICIES`, or `make_policy(name, **settings)`):
   ar         W = 1, K = 1: one latent at t = 1 jumps to 0 (exactly AR decoding of the latent stream);
+  ar_clean   AR decoding of the clean stream (readout=clean): each pass feeds the last committed
+             token as one clean input against the cache and commits the token its next-token
+             logits give, with no latent at all; what an imported LLaMA/Qwen computes;
   diffusion  W = the whole generation, K equal steps, everything commits at t = 0;
   block      W = B, K steps per block;
   evo        adaptive: the step of each token from its confidence and the time head.
@@ -50,6 +53,7 @@ from evo_jax.errors import UserError
 from evo_jax.model import EvoTransformer
 
 CONFIDENCES = ("max", "entropy")
+READOUTS = ("latent", "clean")
 STOP_REASONS = {0: "running", 1: "eos", 2: "length"}
 T_EPS = 1e-4        # t' <= tau_c + T_EPS commits: K steps of 1/K must reach t = 0 despite rounding
 
@@ -78,6 +82,8 @@ class Policy:
   use_time_head: bool = False  # evo: Delta_i >= t_i - t_hat_i (a latent the model finds mature)
   renoise_below: float = 0.0  # evo: confidence below this sends an uncommitted t back up
   noise: float = 0.0          # share of fresh noise in the flow update (0: deterministic)
+  readout: str = "latent"     # latent: commit from the latent stream; clean: from the clean
+                              # stream's next-token logits, one clean input a pass (W = 1)
 
   def __post_init__(self):
     if self.window < 0 or self.steps < 1 or self.n_max < 0:
@@ -93,6 +99,12 @@ class Policy:
       raise DecodingError(f"policy {self.name}: sharpness must be > 0, got {self.sharpness}")
     if not 0 <= self.noise <= 1:
       raise DecodingError(f"policy {self.name}: noise must be in [0, 1], got {self.noise}")
+    if self.readout not in READOUTS:
+      raise DecodingError(f"policy {self.name}: readout must be one of {READOUTS}, "
+                          f"got {self.readout!r}")
+    if self.readout == "clean" and (self.window, self.steps, self.adaptive) != (1, 1, False):
+      raise DecodingError(f"policy {self.name}: readout=clean decodes one token a pass from "
+                          f"the clean stream: it needs window=1, steps=1, adaptive=false")
 
   def resolved_window(self, max_new_tokens):
     return min(self.window or max_new_tokens, max_new_tokens)
@@ -102,6 +114,8 @@ class Policy:
 
   def describe(self, max_new_tokens):
     """The settings that matter, in a few characters (tables and benchmark rows)."""
+    if self.readout == "clean":
+      return "clean stream"
     W = self.resolved_window(max_new_tokens)
     if self.adaptive:
       return (f"W={W} D=[{self.delta_min:g},{self.delta_max:g}]*c^{self.sharpness:g} "
@@ -112,11 +126,12 @@ class Policy:
 
 # The evo defaults were picked by measurement on a tiny run (docs/decoding.md, "How evo's
 # settings trade speed for likelihood"): there, latents that mature before their neighbours
-# are known cost likelihood, so only confident tokens mature fast (sharpness 4), and the time head's push is off (its estimate at t = 1 is
-# about 0.87, which moved every latent forward). n_max = 1: the leftmost latent commits at every
-# pass, so evo never takes more passes than ar.
+# are known cost likelihood, so only confident tokens mature fast (sharpness 4), and the time
+# head's push is off (its estimate at t = 1 is about 0.87, which moved every latent forward).
+# n_max = 1: the leftmost latent commits at every pass, so evo never takes more passes than ar.
 POLICIES = {
     "ar": Policy("ar", window=1, steps=1),
+    "ar_clean": Policy("ar_clean", window=1, steps=1, readout="clean"),
     "diffusion": Policy("diffusion", window=0, steps=16),
     "block": Policy("block", window=8, steps=4),
     "evo": Policy("evo", window=4, steps=1, adaptive=True, delta_min=0.01, sharpness=4.0,
@@ -233,8 +248,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   # Prefill: the prompt's clean keys/values, in one causal pass.
   i_P = jnp.arange(P)
   mask = (i_P[:, None] >= i_P[None, :]) & (i_P[None, None, :] < prompt_len_B[:, None, None])
-  _, _, (k_new, v_new) = apply(prompt_BxP, None, None, jnp.zeros((B, P)),
-                               jnp.broadcast_to(i_P, (B, P)), mask | jnp.eye(P, dtype=bool))
+  logits_P, _, (k_new, v_new) = apply(prompt_BxP, None, None, jnp.zeros((B, P)),
+                                      jnp.broadcast_to(i_P, (B, P)), mask | jnp.eye(P, dtype=bool))
   cache_shape = (cfg.n_layers, B, S) + k_new.shape[3:]
   state = dict(
       i=jnp.zeros((), jnp.int32),
@@ -249,6 +264,38 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       nfe=jnp.zeros((B,), jnp.int32),
       committed_at=jnp.full((B, G), -1, jnp.int32),
       trajectory=jnp.zeros((max_iters if record else 0, B, G)))
+  if policy.readout == "clean":
+    # The clean stream's prediction of the next token; the first comes from the prefill.
+    state["next_logits"] = logits_P[jnp.arange(B), prompt_len_B - 1].astype(jnp.float32)
+
+  def clean_body(st):
+    """AR decoding of the clean stream, as a causal LM with its cache: commit the token the
+    last clean position predicts, and feed it (one clean input against the cache), which
+    writes its keys and values and predicts the next. One pass per token."""
+    n, active = st["n_cached"], ~st["done"]
+    k_tok = jax.random.fold_in(jax.random.fold_in(rng, 1), st["i"])
+    tok = choose_tokens(k_tok, st["next_logits"][:, None], temperature, top_p)    # [B, 1]
+    cache_mask = jnp.arange(S)[None, None, :] < n[:, None, None]
+    logits, _, (k_new, v_new) = apply(
+        tok, None, None, jnp.zeros((B, 1)), n[:, None], jnp.ones((B, 1, 1), bool),
+        st["cache_k"], st["cache_v"], cache_mask)
+    idx = jnp.where(active, n, S)[:, None]
+    write = lambda c, new: c.at[:, rows, idx].set(new, mode="drop")
+    count = active.astype(jnp.int32)
+    n_new = n + count
+    stop = jnp.where(st["done"], st["stop"], jnp.where(tok[:, 0] == eos_id, 1,
+                                                       jnp.where(n_new >= limit_B, 2, 0)))
+    trajectory = st["trajectory"]
+    if record:
+      done_G = jnp.arange(G)[None] < (n_new - prompt_len_B)[:, None]
+      trajectory = trajectory.at[st["i"]].set(jnp.where(done_G, 0.0, 1.0))
+    return dict(st, i=st["i"] + 1, cache_k=write(st["cache_k"], k_new),
+                cache_v=write(st["cache_v"], v_new), n_cached=n_new,
+                tokens=scatter_rows(st["tokens"], n, tok, count),
+                committed_at=scatter_rows(st["committed_at"], n - prompt_len_B,
+                                          jnp.full((B, 1), st["i"]), count),
+                next_logits=logits[:, 0].astype(jnp.float32), done=st["done"] | (stop > 0),
+                stop=stop, nfe=st["nfe"] + count, trajectory=trajectory)
 
   def body(st):
     n_committed = st["n_cached"] + st["n_pending"]
@@ -322,7 +369,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
                 committed_at=committed_at, trajectory=trajectory)
 
   cond = lambda st: (st["i"] < max_iters) & ~jnp.all(st["done"])
-  st = jax.lax.while_loop(cond, body, state)
+  st = jax.lax.while_loop(cond, clean_body if policy.readout == "clean" else body, state)
   return dict(tokens=st["tokens"], length=st["n_cached"] + st["n_pending"], nfe=st["nfe"],
               stop=st["stop"], committed_at=st["committed_at"], trajectory=st["trajectory"],
               cache_k=st["cache_k"], cache_v=st["cache_v"], n_cached=st["n_cached"])

@@ -176,7 +176,7 @@ def decoding_stats(completions, seconds):
 def add_generation_args(p, max_new_tokens):
   """The options of a generation task; `max_new_tokens` is its default length, capped to half
   the model's context (generation_length)."""
-  p.add_argument("--policy", default="evo", help="ar | diffusion | block | evo")
+  p.add_argument("--policy", default="evo", help="ar | ar_clean | diffusion | block | evo")
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--max_new_tokens", type=int, default=None,

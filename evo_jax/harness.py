@@ -8,8 +8,8 @@ takes the same arguments: it imports this module, whose decorator registers the 
 hands the command line to lm_eval's own `cli_evaluate`. From Python, `import evo_jax.harness`
 and pass `model="evo_jax"` (or an `EvoLM` instance) to `lm_eval.simple_evaluate`.
 
-model_args: workdir (required), policy (ar | diffusion | block | evo; default evo), batch_size,
-seed, temperature (used when a request samples), top_p, max_gen_toks (default 256), and any
+model_args: workdir (required), policy (ar | ar_clean | diffusion | block | evo; default evo),
+batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256), and any
 setting of the policy (window=8, gamma=0.5, ...).
 
 - loglikelihood: the AR-path log-likelihood (evo_jax/scoring.py) of each continuation, tokenised

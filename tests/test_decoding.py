@@ -82,8 +82,28 @@ def test_ar_with_cache_equals_uncached_greedy_and_the_ar_path_argmax(model_param
     np.testing.assert_array_equal(argmax[b, len(prompt):out["length"][b]], out["new"][b])
 
 
+def test_clean_stream_ar_equals_uncached_clean_greedy(model_params):
+  """ar_clean is greedy AR decoding of the clean stream with a cache: token for token the
+  text a causal recomputation from scratch gives, one pass (NFE) per token, rows of three
+  lengths in one batch; and it stops at EOS like any policy."""
+  model, params = model_params
+  out = run(model_params, decoding.POLICIES["ar_clean"])
+  assert out["new"] == reference.clean_greedy(model, params, PROMPTS, G)
+  np.testing.assert_array_equal(out["nfe"], [G] * len(PROMPTS))
+  np.testing.assert_array_equal(out["committed_at"], np.tile(np.arange(G), (len(PROMPTS), 1)))
+  assert out["new"] != run(model_params, decoding.POLICIES["ar"])["new"]   # another readout
+  eos = int(out["new"][1][5])
+  stopped = run(model_params, decoding.POLICIES["ar_clean"], eos_id=eos)
+  for b, new in enumerate(out["new"]):
+    expected = new[:new.index(eos) + 1] if eos in new else new
+    assert stopped["new"][b] == expected and stopped["nfe"][b] == len(expected)
+  with pytest.raises(decoding.DecodingError, match="readout=clean .* needs window=1"):
+    decoding.make_policy("ar_clean", window=4)
+
+
 @pytest.mark.parametrize("policy", [
     decoding.POLICIES["ar"],
+    decoding.POLICIES["ar_clean"],
     decoding.make_policy("evo", window=4, gamma=0.0)])      # commits 4 tokens per forward
 def test_cached_keys_and_values_equal_a_fresh_encoding(model_params, policy):
   model, params = model_params

@@ -45,7 +45,7 @@ def test_module_entry_point_exits_2():
                           timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "error: unknown policy 'beam' (expected one of ar, diffusion, block, evo)"]
+      "error: unknown policy 'beam' (expected one of ar, ar_clean, diffusion, block, evo)"]
 
 
 def test_prompt_longer_than_the_context(workdir, tmp_path, capsys):
@@ -75,13 +75,15 @@ def test_json_output_and_trajectory_png(workdir, tmp_path, capsys):
 
 
 def test_bench_decode_table(workdir, tmp_path, capsys):
-  rows = bench.main(["decode", "--workdir", workdir, "--policies", "ar,evo", "--n_prompts", "3",
-                     "--prompt_len", "8", "--max_new_tokens", "8", "--batch_size", "3", "--repeats", "1",
-                     "--evo.window=4", "--json", str(tmp_path / "bench.json")])
+  rows = bench.main(["decode", "--workdir", workdir, "--policies", "ar,ar_clean,evo",
+                     "--n_prompts", "3", "--prompt_len", "8", "--max_new_tokens", "8",
+                     "--batch_size", "3", "--repeats", "1", "--evo.window=4",
+                     "--json", str(tmp_path / "bench.json")])
   out = capsys.readouterr().out
   assert "| policy" in out and "| ar " in out and "| evo " in out and "held-out text" in out
   by_name = {r["policy"]: r for r in rows}
-  assert by_name["ar"]["tokens_per_forward"] == 1.0
+  assert by_name["ar"]["tokens_per_forward"] == by_name["ar_clean"]["tokens_per_forward"] == 1.0
+  assert by_name["ar_clean"]["settings"] == "clean stream"
   assert by_name["evo"]["tokens_per_forward"] >= 1.0        # the leftmost is forced each pass
   for r in rows:
     assert r["nll"] > 0 and r["entropy"] >= 0
