@@ -3,6 +3,7 @@ set-ups built once per test run (a tokenizer, a trained tiny run), and a way to 
 `main(argv)` in-process and read its one-line error."""
 import os
 import pathlib
+import shutil
 import tempfile
 
 import pytest
@@ -14,8 +15,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # quiet without this too.)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests compile the same small programs many times (every Trainer, every subprocess): one
-# compilation cache for the whole run, inherited by the subprocesses, new for each run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="evo_jax_tests_xla_"))
+# compilation cache for the whole run, inherited by the workers and subprocesses, new for each
+# run and removed at its end by the process that made it.
+OWN_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix="evo_jax_tests_xla_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = OWN_COMPILATION_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,3 +120,7 @@ def tiny_run(tmp_path_factory, stdlib_tokenizer):
   train.Trainer(cfg, path, devices=one_device()).run(log=lambda *_: None)
   return path
 
+
+def pytest_unconfigure(config):
+  if OWN_COMPILATION_CACHE:
+    shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)
