@@ -127,9 +127,9 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   return cfg
 
 
-def merge(cfg, values, prefix=""):
+def merge(cfg, values):
   for key, value in values.items():
     if isinstance(cfg.get(key), ml_collections.ConfigDict) and isinstance(value, dict):
-      merge(cfg[key], value, f"{prefix}{key}.")
+      merge(cfg[key], value)
     else:
       cfg[key] = tuple(value) if isinstance(value, list) else value

@@ -9,8 +9,9 @@ hands the command line to lm_eval's own `cli_evaluate`. From Python, `import evo
 and pass `model="evo_jax"` (or an `EvoLM` instance) to `lm_eval.simple_evaluate`.
 
 model_args: workdir (required), policy (ar | ar_clean | diffusion | block | evo; default evo),
-batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256), and any
-setting of the policy (window=8, gamma=0.5, ...).
+batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256,
+at most half the model's context, as in `evaluate`), and any setting of the policy (window=8,
+gamma=0.5, ...).
 
 - loglikelihood: the AR-path log-likelihood (evo_jax/scoring.py) of each continuation, tokenised
   as `evaluate --task choice` does ([bos] + context, continuation), with its greedy flag;
@@ -20,6 +21,7 @@ setting of the policy (window=8, gamma=0.5, ...).
   before the first of the request's `until` strings.
 """
 import importlib
+import sys
 
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
@@ -74,7 +76,7 @@ class EvoLM(LM):
 
   def generate_until(self, requests, disable_tqdm=False):
     """Requests with the same settings share batches; answers come back in request order."""
-    groups = {}
+    groups, notices = {}, set()
     for i, req in enumerate(requests):
       context, gen_kwargs = req.args
       kwargs = dict(gen_kwargs or {})
@@ -83,9 +85,13 @@ class EvoLM(LM):
       # Greedy unless the request samples: then its temperature, else ours, else 1.
       sample = kwargs.get("do_sample", False) or float(kwargs.get("temperature") or 0.0) > 0
       temperature = float(kwargs.get("temperature") or self.temperature or 1.0) if sample else 0.0
-      max_toks = min(int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                     self.run.context - 1)
+      # As evaluate's tasks: a length longer than half the context is capped, with a notice.
+      max_toks = evaluate.generation_length(
+          None, int(kwargs.get("max_gen_toks", self.max_gen_toks)), self.run.context,
+          log=notices.add)
       groups.setdefault((until, temperature, max_toks), []).append((i, context))
+    for notice in sorted(notices):        # once per length, not once per request
+      print(notice, file=sys.stderr)
     out = [None] * len(requests)
     for (until, temperature, max_toks), items in groups.items():
       completions, _ = evaluate.complete(

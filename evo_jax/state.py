@@ -48,15 +48,11 @@ def make_optimizer(ocfg, total_steps):
   return optax.chain(*parts)
 
 
+# Jitted: run op by op, an initialisation dispatches hundreds of small computations.
+@functools.partial(jax.jit, static_argnames=("model", "seq_len", "unbox"))
 def init_params(model, rng, seq_len=8, unbox=True):
   """Fresh float32 parameters. unbox=False keeps flax's logical-axis boxes, from which
-  `state_shardings` reads where each array goes. Jitted: run op by op, an initialisation
-  dispatches hundreds of small computations."""
-  return _init_params(model, rng, seq_len, unbox)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_params(model, rng, seq_len, unbox):
+  `state_shardings` reads where each array goes."""
   B, L, D = 1, seq_len, model.cfg.d_model
   tokens = jnp.zeros((B, L), jnp.int32)
   variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
@@ -65,13 +61,9 @@ def _init_params(model, rng, seq_len, unbox):
   return nn.meta.unbox(variables) if unbox else variables
 
 
+@functools.partial(jax.jit, static_argnames=("model", "tx", "unbox"))
 def init_state(model, tx, rng, unbox=True):
-  """A fresh train state (step 0, fresh parameters and optimizer moments), jitted."""
-  return _init_state(model, tx, rng, unbox)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 3))
-def _init_state(model, tx, rng, unbox):
+  """A fresh train state: step 0, fresh parameters and optimizer moments."""
   params = init_params(model, rng, unbox=unbox)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 

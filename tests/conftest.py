@@ -61,15 +61,17 @@ def small_run_config(tokenizer, seq_len=32, steps=6):
   return cfg
 
 
-def one_line_error(capsys, main, argv):
-  """Runs main(argv) in-process; asserts exit status 2 with one `error: ` line on stderr and
-  returns that line."""
+def one_line_error(capsys, main, argv, *fragments):
+  """Runs main(argv) in-process; asserts exit status 2 with one `error: ` line on stderr that
+  contains every fragment, and returns that line."""
   with pytest.raises(SystemExit) as exit_info:
     main(argv)
   err = capsys.readouterr().err
   assert exit_info.value.code == 2, err[-2000:]
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), err[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
   return lines[0]
 
 

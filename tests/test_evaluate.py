@@ -45,12 +45,6 @@ def test_gsm8k_answer_extraction_on_the_gold_solutions():
   assert evaluate.extract_answer("no number here") is None
 
 
-def one_line_error(capsys, argv, *fragments):
-  line = conftest.one_line_error(capsys, evaluate.main, argv)
-  for fragment in fragments:
-    assert fragment in line, line
-
-
 def test_bad_input_is_one_line(tmp_path, capsys):
   base = ["--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "out.json")]
   bad = tmp_path / "bad.jsonl"
@@ -69,17 +63,18 @@ def test_bad_input_is_one_line(tmp_path, capsys):
        "--shots > 0 needs --train_file"),
   ]
   for argv, *fragments in cases:
-    one_line_error(capsys, base + argv, *fragments)
+    conftest.one_line_error(capsys, evaluate.main, base + argv, *fragments)
   assert not (tmp_path / "out.json").exists()
 
 
 def test_generation_lengths_fit_the_model(tiny_run, tmp_path, capsys):
   """A length that leaves no room for a prompt is refused before the checkpoint loads; a task's
   default length is capped to half the context, with a notice."""
-  one_line_error(capsys, ["--workdir", tiny_run, "--output", str(tmp_path / "out.json"),
-                          "--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"),
-                          "--shots", "0", "--max_new_tokens", "64"],
-                 "--max_new_tokens 64 does not fit the model's context of 64 tokens")
+  conftest.one_line_error(
+      capsys, evaluate.main, ["--workdir", tiny_run, "--output", str(tmp_path / "out.json"),
+                              "--task", "gsm8k", "--test_file", str(GSM8K / "test.jsonl"),
+                              "--shots", "0", "--max_new_tokens", "64"],
+      "--max_new_tokens 64 does not fit the model's context of 64 tokens")
   notices = []
   assert evaluate.generation_length(None, 256, 64, log=notices.append) == 32
   assert notices == ["note: --max_new_tokens is 32, half the model's context of 64 tokens "

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-import conftest
-from conftest import REPO
+from conftest import REPO, one_line_error
 from evo_jax import bench
 from evo_jax import sample
 
@@ -15,12 +14,6 @@ from evo_jax import sample
 @pytest.fixture
 def workdir(tiny_run):
   return tiny_run      # 4 steps of the small model, a 64-token context
-
-
-def one_line_error(capsys, main, argv, *fragments):
-  line = conftest.one_line_error(capsys, main, argv)
-  for fragment in fragments:
-    assert fragment in line, line
 
 
 def test_bad_input_before_loading_the_run(tmp_path, capsys):
