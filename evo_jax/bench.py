@@ -12,18 +12,21 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
         python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
 
   decode   every decoding policy on the same held-out prompts: a table of NFE (forward passes per
-           sequence), tokens per forward pass, tokens per second, and two quality figures of the
-           generated text: its AR-path NLL under the model (nats per token, the exact likelihood
-           of AR decoding; lower is more likely text) and its token entropy (bits, the entropy of
-           each continuation's own token frequencies: low when it repeats itself). The held-out
-           text's own continuation is the reference row.
+           sequence), tokens per forward pass, accepted drafts per pass (verify), tokens per
+           second at each batch size, and the quality of the generated text: its AR-path NLL
+           under the model (nats per token, the exact likelihood of AR decoding; lower is more
+           likely text), its token entropy (bits, of each continuation's own token frequencies:
+           low when it repeats itself), and the share of greedy ar's and ar_clean's tokens it
+           reproduces. The held-out text's own continuation is the reference row.
 
-        python -m evo_jax.bench decode --workdir DIR [--policies ar,ar_clean,diffusion,block,evo]
-            [--n_prompts 16] [--prompt_len 32] [--max_new_tokens 64] [--batch_size 16]
+        python -m evo_jax.bench decode --workdir DIR [--policies ar,ar_clean,verify,...]
+            [--n_prompts 16] [--prompt_len 32] [--max_new_tokens 64] [--batch_sizes 1,16]
             [--temperature 0] [--top_p 1] [--seed 0] [--repeats 3] [--json FILE]
-            [--NAME.SETTING=VALUE ...]
+            [--plot FILE.png] [--NAME.SETTING=VALUE ...]
 
---NAME.SETTING=VALUE changes a setting of policy NAME, e.g. --evo.gamma=0.8 --block.steps=2.
+--NAME.SETTING=VALUE changes a setting of every row of policy NAME, e.g. --evo.gamma=0.8; a row
+of its own is NAME:SETTING=VALUE[:...] in --policies, e.g. --policies ar,verify:window=4,verify.
+--plot draws tokens per forward against AR-NLL, with the Pareto front.
 
 Prompts are token slices from the middle of held-out documents of the run's corpus (as the
 training rows, which also start mid-document). Timings exclude compilation; each batch is timed
@@ -93,8 +96,12 @@ def quality(scorer, prompts, continuations):
   return nll, float(np.mean([token_entropy_bits(c) for c in continuations]))
 
 
-def run_decode(args, rest):
-  names = [n.strip() for n in args.policies.split(",") if n.strip()]
+def parse_policies(spec, rest):
+  """The rows of the table: --policies items NAME or NAME:SETTING=VALUE[:SETTING=VALUE ...]
+  (one row each, so that a policy can appear with several settings), and --NAME.SETTING=VALUE
+  arguments, which apply to every row of NAME."""
+  items = [item.strip() for item in spec.split(",") if item.strip()]
+  names = [item.split(":")[0] for item in items]
   overrides = {n: [] for n in names}      # --evo.gamma=0.8 -> evo's --policy.gamma=0.8
   for item in rest:
     name, dot, setting = item[2:].partition(".") if item.startswith("--") else ("", "", "")
@@ -102,86 +109,157 @@ def run_decode(args, rest):
       raise UserError(f"unknown argument: {item} (policy settings: --NAME.SETTING=VALUE for a "
                       f"policy in --policies)")
     overrides[name].append(f"--policy.{setting}")
-  policies = [cli.parse_policy(n, overrides[n]) for n in names]
-  if min(args.n_prompts, args.prompt_len, args.max_new_tokens, args.batch_size, args.repeats) < 1:
-    raise UserError("n_prompts, prompt_len, max_new_tokens, batch_size and repeats must be >= 1")
+  return [cli.parse_policy(name, overrides[name] + [f"--policy.{s}" for s in item.split(":")[1:]])
+          for name, item in zip(names, items)]
+
+
+def agreement(samples, reference):
+  """The share of the reference's tokens that the samples reproduce at the same position."""
+  same = sum(sum(a == b for a, b in zip(s.tokens, r.tokens)) for s, r in zip(samples, reference))
+  return same / max(sum(len(r.tokens) for r in reference), 1)
+
+
+def run_decode(args, rest):
+  policies = parse_policies(args.policies, rest)
+  if min(args.n_prompts, args.prompt_len, args.max_new_tokens, args.repeats,
+         *args.batch_sizes) < 1:
+    raise UserError("n_prompts, prompt_len, max_new_tokens, batch_sizes and repeats must be >= 1")
   context = run_lib.read_run_config(args.workdir).data.seq_len   # checked before loading
   if args.prompt_len + args.max_new_tokens > context:
     raise UserError(f"--prompt_len + --max_new_tokens = {args.prompt_len + args.max_new_tokens} "
                     f"exceeds the model's context of {context} tokens")
   run = run_lib.load_run(args.workdir)
-  cfg, model, params, tokenizer, step = run.cfg, run.model, run.params, run.tokenizer, run.step
-  sched = run.schedule
-  pairs = heldout_prompts(cfg, tokenizer, args.n_prompts, args.prompt_len, args.max_new_tokens)
+  for policy in policies:
+    run.check_policy(policy)
+  pairs = heldout_prompts(run.cfg, run.tokenizer, args.n_prompts, args.prompt_len,
+                          args.max_new_tokens)
   prompts = [p for p, _ in pairs]
-  scorer = scoring.Scorer(model, params, cfg.data.seq_len, args.batch_size, args.seed)
+  scorer = scoring.Scorer(run.model, run.params, context, max(args.batch_sizes), args.seed)
 
+  def decode(policy, batch_size, temperature, repeats):
+    """All prompts in batches: the samples and the decoding seconds (each batch's best)."""
+    samples, seconds = [], 0.0
+    starts = range(0, len(prompts), batch_size)
+    progress = Progress(f"policy {policy.name}, batch {batch_size}", len(starts), "batches")
+    for i in starts:
+      runs = [decoding.generate(
+          run.model, run.params, run.schedule, prompts[i:i + batch_size], policy,
+          max_new_tokens=args.max_new_tokens, context=context, eos_id=run.tokenizer.eos_id,
+          temperature=temperature, top_p=args.top_p, seed=args.seed + i)
+          for _ in range(repeats)]
+      samples += runs[0]                       # the same seed: the same tokens every time
+      seconds += min(r[0].seconds for r in runs)
+      progress.advance()
+    progress.done()
+    return samples, seconds
+
+  greedy = {name: decode(decoding.POLICIES[name], max(args.batch_sizes), 0.0, 1)[0]
+            for name in ("ar", "ar_clean")}
   rows = []
   nll, ent = quality(scorer, prompts, [c for _, c in pairs])
   rows.append({"policy": "held-out text", "settings": "(reference)", "nll": nll, "entropy": ent})
   for policy in policies:
-    samples, batch_seconds = [], 0.0
-    starts = range(0, len(prompts), args.batch_size)
-    progress = Progress(f"policy {policy.name}", len(starts), "batches")
-    for i in starts:
-      runs = [decoding.generate(
-          model, params, sched, prompts[i:i + args.batch_size], policy,
-          max_new_tokens=args.max_new_tokens, context=cfg.data.seq_len,
-          eos_id=tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p,
-          seed=args.seed + i) for _ in range(args.repeats)]
-      samples += runs[0]                       # the same seed: the same tokens every time
-      batch_seconds += min(r[0].seconds for r in runs)
-      progress.advance()
-    progress.done()
+    speed = {}
+    for batch_size in args.batch_sizes:
+      samples, seconds = decode(policy, batch_size, args.temperature, args.repeats)
+      speed[batch_size] = sum(len(s.tokens) for s in samples) / max(seconds, 1e-9)
     n_tokens = sum(len(s.tokens) for s in samples)
     nfe = sum(s.nfe for s in samples)
     nll, ent = quality(scorer, prompts, [s.tokens for s in samples])
     rows.append({"policy": policy.name, "settings": policy.describe(args.max_new_tokens),
                  "nfe": nfe / len(samples), "tokens_per_forward": n_tokens / max(nfe, 1),
-                 "tokens_per_sec": n_tokens / max(batch_seconds, 1e-9),
-                 "tokens": n_tokens / len(samples), "nll": nll, "entropy": ent,
+                 "drafts_per_pass": (sum(s.accepted_drafts for s in samples) / max(nfe, 1)
+                                     if policy.readout == "clean" else None),
+                 "tokens_per_sec": speed, "tokens": n_tokens / len(samples), "nll": nll,
+                 "entropy": ent, "same_as_ar": agreement(samples, greedy["ar"]),
+                 "same_as_ar_clean": agreement(samples, greedy["ar_clean"]),
                  "eos_stops": sum(s.stop_reason == "eos" for s in samples),
                  "policy_settings": dataclasses.asdict(policy)})
 
-  header = (f"decode benchmark: {args.workdir} (step {step}), {len(prompts)} held-out prompts of "
-            f"{args.prompt_len} tokens, up to {args.max_new_tokens} new tokens, batch "
-            f"{args.batch_size}, temperature {args.temperature:g}, top_p {args.top_p:g}, "
-            f"seed {args.seed}\nmachine: {backend.machine()}")
+  header = (f"decode benchmark: {args.workdir} (step {run.step}), {len(prompts)} held-out "
+            f"prompts of {args.prompt_len} tokens, up to {args.max_new_tokens} new tokens, "
+            f"temperature {args.temperature:g}, top_p {args.top_p:g}, seed {args.seed}; "
+            f"tokens/s at batch {', '.join(map(str, args.batch_sizes))}; 'same as' is the share "
+            f"of greedy ar's (ar_clean's) tokens reproduced\nmachine: {backend.machine()}")
   print(header)
-  print(format_table(rows))
+  print(format_table(rows, args.batch_sizes))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"header": header, "rows": rows}, f, indent=2)
+  if args.plot:
+    plot_front(rows, args.plot, f"{args.workdir} (step {run.step}), temperature "
+               f"{args.temperature:g}")
   return rows
 
 
-def format_table(rows):
+def format_table(rows, batch_sizes):
+  speed = [(f"tok/s b={b}", ("tokens_per_sec", b), "{:,.0f}") for b in batch_sizes]
   cols = [("policy", "policy", "{}"), ("settings", "settings", "{}"), ("NFE/seq", "nfe", "{:.1f}"),
-          ("tok/fwd", "tokens_per_forward", "{:.2f}"), ("tok/s", "tokens_per_sec", "{:,.0f}"),
+          ("tok/fwd", "tokens_per_forward", "{:.2f}"),
+          ("drafts/pass", "drafts_per_pass", "{:.2f}"), *speed,
           ("new tok", "tokens", "{:.1f}"), ("AR-NLL", "nll", "{:.3f}"),
-          ("entropy", "entropy", "{:.2f}"), ("EOS", "eos_stops", "{}")]
+          ("entropy", "entropy", "{:.2f}"), ("same as ar", "same_as_ar", "{:.0%}"),
+          ("same as ar_clean", "same_as_ar_clean", "{:.0%}"), ("EOS", "eos_stops", "{}")]
+  value = lambda r, k: r.get(k[0], {}).get(k[1]) if isinstance(k, tuple) else r.get(k)
   cells = [[h for h, _, _ in cols]]
   for r in rows:
-    cells.append([fmt.format(r[k]) if r.get(k) is not None and not (
-        isinstance(r[k], float) and math.isnan(r[k])) else "-" for _, k, fmt in cols])
+    cells.append([fmt.format(value(r, k)) if value(r, k) is not None and not (
+        isinstance(value(r, k), float) and math.isnan(value(r, k))) else "-"
+        for _, k, fmt in cols])
   widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
   lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
   lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
   return "\n".join(lines)
 
 
+def plot_front(rows, path, title):
+  """The speed/quality picture: tokens per forward pass against AR-NLL, one point per policy
+  row, the Pareto front (no other row both faster and more likely) joined by a line, and the
+  held-out text's own AR-NLL as a dashed line."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise UserError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+  points = [r for r in rows if r.get("tokens_per_forward") is not None]
+  front = sorted((r for r in points if not any(
+      o["tokens_per_forward"] >= r["tokens_per_forward"] and o["nll"] <= r["nll"] and
+      (o["tokens_per_forward"], o["nll"]) != (r["tokens_per_forward"], r["nll"])
+      for o in points)), key=lambda r: r["tokens_per_forward"])
+  fig, ax = plt.subplots(figsize=(9, 6))
+  ax.scatter([r["tokens_per_forward"] for r in points], [r["nll"] for r in points])
+  for i, r in enumerate(points):     # labels alternate above and below, to overlap less
+    ax.annotate(f"{r['policy']} {r['settings']}", (r["tokens_per_forward"], r["nll"]),
+                fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
+  ax.plot([r["tokens_per_forward"] for r in front], [r["nll"] for r in front], "k-", lw=0.8,
+          label="Pareto front")
+  ax.axhline(rows[0]["nll"], ls="--", color="gray", lw=0.8, label="held-out text")
+  ax.set_yscale("log")
+  ax.set_xlabel("tokens per forward pass")
+  ax.set_ylabel("AR-NLL of the text (nats/token, log scale, lower is better)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def add_decode_args(p):
   p.add_argument("--workdir", required=True)
-  p.add_argument("--policies", default="ar,ar_clean,diffusion,block,evo")
+  p.add_argument("--policies", default=",".join(decoding.POLICIES),
+                 help="NAME or NAME:SETTING=VALUE[:...], comma-separated")
   p.add_argument("--n_prompts", type=int, default=16)
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--batch_sizes", type=ints, default=[1, 16],
+                 help="tokens/s at each; the other columns come from the last")
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--repeats", type=int, default=3, help="time each batch this often, keep the best")
   p.add_argument("--json", help="also write the rows to this JSON file")
+  p.add_argument("--plot", help="also draw tokens per forward against AR-NLL to this PNG")
 
 
 # ---------------------------------------------------------------------------------------------

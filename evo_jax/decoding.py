@@ -28,9 +28,17 @@ One iteration is one forward pass of [pending | window] (2W inputs) against the 
 
 Policies (`POLICIES`, or `make_policy(name, **settings)`):
   ar         W = 1, K = 1: one latent at t = 1 jumps to 0 (exactly AR decoding of the latent stream);
-  ar_clean   AR decoding of the clean stream (readout=clean): each pass feeds the last committed
-             token as one clean input against the cache and commits the token its next-token
-             logits give, with no latent at all; what an imported LLaMA/Qwen computes;
+  ar_clean   AR decoding of the clean stream (readout=clean, W = 1): each pass feeds the last
+             committed token as one clean input against the cache and commits the token its
+             next-token logits give, with no latent at all; what an imported LLaMA/Qwen computes;
+  verify     draft and verify (readout=clean, W > 1; method.md section 5): a pass feeds the last
+             committed token and W - 1 drafts as clean inputs, and W windows of W latents, window
+             a for the case that the first a drafts are accepted. The clean stream's next-token
+             logits verify the drafts (the speculative-sampling rule: greedy, the longest run
+             equal to its argmax) and commit one token more; window a then makes the next
+             drafts (with `carry`, its latents, one flow step more mature, are also the next
+             pass's windows; else new latents enter at t = 1 every pass). Lossless: the text is that of ar_clean (greedy), or has its
+             distribution (sampling). Only the accepted tokens' keys and values are cached;
   diffusion  W = the whole generation, K equal steps, everything commits at t = 0;
   block      W = B, K steps per block;
   evo        adaptive: the step of each token from its confidence and the time head.
@@ -82,8 +90,13 @@ class Policy:
   use_time_head: bool = False  # evo: Delta_i >= t_i - t_hat_i (a latent the model finds mature)
   renoise_below: float = 0.0  # evo: confidence below this sends an uncommitted t back up
   noise: float = 0.0          # share of fresh noise in the flow update (0: deterministic)
+  carry: bool = False         # verify: the drafting latents carry over between passes, one
+                              # flow step (Delta) more mature; off: one-step drafts from t = 1
+  accept_ratio: float = 1.0   # verify, greedy: a draft also passes when the clean stream gives
+                              # it >= this share of its top probability (1: exact; < 1: lossy)
   readout: str = "latent"     # latent: commit from the latent stream; clean: from the clean
-                              # stream's next-token logits, one clean input a pass (W = 1)
+                              # stream's next-token logits, which verify W - 1 drafts made by
+                              # the latents (W = 1: AR decoding of the clean stream)
 
   def __post_init__(self):
     if self.window < 0 or self.steps < 1 or self.n_max < 0:
@@ -99,12 +112,15 @@ class Policy:
       raise DecodingError(f"policy {self.name}: sharpness must be > 0, got {self.sharpness}")
     if not 0 <= self.noise <= 1:
       raise DecodingError(f"policy {self.name}: noise must be in [0, 1], got {self.noise}")
+    if not 0 < self.accept_ratio <= 1:
+      raise DecodingError(f"policy {self.name}: accept_ratio must be in (0, 1], got "
+                          f"{self.accept_ratio}")
     if self.readout not in READOUTS:
       raise DecodingError(f"policy {self.name}: readout must be one of {READOUTS}, "
                           f"got {self.readout!r}")
-    if self.readout == "clean" and (self.window, self.steps, self.adaptive) != (1, 1, False):
-      raise DecodingError(f"policy {self.name}: readout=clean decodes one token a pass from "
-                          f"the clean stream: it needs window=1, steps=1, adaptive=false")
+    if self.readout == "clean" and self.window < 1:
+      raise DecodingError(f"policy {self.name}: readout=clean needs window >= 1 (1: no drafts; "
+                          f"W: W - 1 drafts a pass from windows of W latents)")
 
   def resolved_window(self, max_new_tokens):
     return min(self.window or max_new_tokens, max_new_tokens)
@@ -114,9 +130,12 @@ class Policy:
 
   def describe(self, max_new_tokens):
     """The settings that matter, in a few characters (tables and benchmark rows)."""
-    if self.readout == "clean":
-      return "clean stream"
     W = self.resolved_window(max_new_tokens)
+    if self.readout == "clean":
+      carry = f", carried K={self.steps}" + (" adaptive" if self.adaptive else "")
+      lenient = f", accept_ratio={self.accept_ratio:g}" if self.accept_ratio < 1 else ""
+      return "clean stream" + (f", {W - 1} drafts" + (carry if self.carry else "") + lenient
+                               if W > 1 else "")
     if self.adaptive:
       return (f"W={W} D=[{self.delta_min:g},{self.delta_max:g}]*c^{self.sharpness:g} "
               f"gamma={self.gamma:g} tau={self.tau_c:g} Nmax={self.resolved_n_max()}"
@@ -124,18 +143,22 @@ class Policy:
     return f"W={W} K={self.steps}"
 
 
-# The evo defaults were picked by measurement on a tiny run (docs/decoding.md, "How evo's
-# settings trade speed for likelihood"): there, latents that mature before their neighbours
-# are known cost likelihood, so only confident tokens mature fast (sharpness 4), and the time
-# head's push is off (its estimate at t = 1 is about 0.87, which moved every latent forward).
-# n_max = 1: the leftmost latent commits at every pass, so evo never takes more passes than ar.
+# The defaults were picked by measurement on the 2,000-step tiny run (docs/decoding.md, "The
+# speed/quality front"). verify: one-step drafts from t = 1 (carrying the latents over cost
+# acceptance there), W = 4 (W = 8 and 16 accept hardly more, at 3.6x and 14x the inputs).
+# evo: latents that mature before their neighbours are known cost likelihood, so only
+# confident tokens mature fast (sharpness 4) and the time head's push is off; every evo setting
+# slower than 1.9 tokens a pass is beaten by verify on both counts, so gamma = 0.1 puts evo at
+# the fast end of the front (2.15 tokens a pass). n_max = 1: the leftmost latent commits at
+# every pass, so evo never takes more passes than ar.
 POLICIES = {
     "ar": Policy("ar", window=1, steps=1),
     "ar_clean": Policy("ar_clean", window=1, steps=1, readout="clean"),
+    "verify": Policy("verify", window=4, steps=1, readout="clean"),
     "diffusion": Policy("diffusion", window=0, steps=16),
     "block": Policy("block", window=8, steps=4),
     "evo": Policy("evo", window=4, steps=1, adaptive=True, delta_min=0.01, sharpness=4.0,
-                  gamma=0.3, n_max=1),
+                  gamma=0.1, n_max=1),
 }
 
 
@@ -156,20 +179,101 @@ def make_policy(name, **settings):
 # ---------------------------------------------------------------------------------------------
 
 
+def nucleus_logits(logits_BxWxV, temperature, top_p):
+  """logits / T, with -inf outside the top-p nucleus (the fewest tokens whose mass reaches
+  top_p; always at least one)."""
+  scaled = logits_BxWxV / temperature
+  sorted_desc = -jnp.sort(-scaled, axis=-1)
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs       # mass strictly above each candidate
+  n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)   # always >= 1
+  cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+  return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
 def choose_tokens(rng, logits_BxWxV, temperature, top_p):
   """Argmax at temperature <= 0; else a sample from the top-p nucleus of softmax(logits / T).
   (lax.cond: greedy decoding never pays for the sort.)"""
-  def sample(logits):
-    scaled = logits / temperature
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs       # mass strictly above each candidate
-    n_keep = jnp.sum(before < top_p, axis=-1, keepdims=True)   # always >= 1
-    cutoff = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
-    masked = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+  sample = lambda logits: jax.random.categorical(
+      rng, nucleus_logits(logits, temperature, top_p), axis=-1).astype(jnp.int32)
   greedy = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.lax.cond(temperature > 0, sample, greedy, logits_BxWxV)
+
+
+def sampling_probs(logits_BxWxV, temperature, top_p):
+  """The distribution choose_tokens draws from, as probabilities: one-hot at the argmax at
+  temperature <= 0, else the renormalised top-p nucleus of softmax(logits / T). (Greedy
+  verification is then the speculative-sampling rule on one-hot distributions.)"""
+  nucleus = lambda logits: jax.nn.softmax(nucleus_logits(logits, temperature, top_p), axis=-1)
+  one_hot = lambda logits: jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1])
+  return jax.lax.cond(temperature > 0, nucleus, one_hot, logits_BxWxV)
+
+
+def speculative_accept(rng, p_BxWxV, drafts_BxK, q_BxKxV, n_drafts_B, also_ok_BxK=None):
+  """The speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): draft d_i, drawn
+  from q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i)), left to right up to the
+  first rejection. p_i is the target distribution at the position of draft i (p has one row
+  more, for the position after the last draft). Returns the number accepted, a, and the
+  distribution of the next token: normalised max(0, p_a - q_a) after a rejection, p_a when
+  every draft was accepted. Each committed token is then distributed exactly as under p, unless
+  also_ok (a lossy leniency) lets more drafts pass."""
+  B, K = drafts_BxK.shape
+  if K == 0:
+    return jnp.zeros((B,), jnp.int32), p_BxWxV[:, 0]
+  at_draft = lambda x: jnp.take_along_axis(x, drafts_BxK[..., None], axis=-1)[..., 0]
+  p_d, q_d = at_draft(p_BxWxV[:, :K]), at_draft(q_BxKxV)
+  u = jax.random.uniform(rng, (B, K))
+  ok = u * q_d < p_d
+  if also_ok_BxK is not None:
+    ok = ok | also_ok_BxK
+  ok = ok & (jnp.arange(K)[None] < n_drafts_B[:, None])
+  n_accept = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+  residual = jnp.pad(jnp.maximum(p_BxWxV[:, :K] - q_BxKxV, 0.0), ((0, 0), (0, 1), (0, 0)))
+  at_a = lambda x: jnp.take_along_axis(x, n_accept[:, None, None], axis=1)[:, 0]
+  r, p_a = at_a(residual), at_a(p_BxWxV)
+  mass = jnp.sum(r, axis=-1, keepdims=True)
+  rejected = (n_accept < n_drafts_B)[:, None] & (mass > 0)
+  return n_accept, jnp.where(rejected, r / jnp.maximum(mass, 1e-30), p_a)
+
+
+def verify_inputs(clean_BxW, n_B, n_drafts_B, z_BxKxD, t_BxK, active_B, limit_B, rng, carry):
+  """The inputs of one verify pass (readout=clean), for forward_with_cache.
+
+  W clean tokens [pending | drafts 1 .. W - 1] at positions n - 1 + i (causal; their logits
+  predict positions n .. n + W - 1), then windows a = 0 .. W - 1 of W latents at positions
+  n + a + j. Window a is the case that a drafts are accepted: it sees the pending token and
+  drafts 1 .. a, the clean prefix before its window as in training (method.md section 3), and
+  its own latents, which enter at t = 1; with `carry`, those at positions n .. n + W - 2 are
+  carried over from the previous pass (z, t) instead. Returns (tokens, z, is_latent, t, positions, mask);
+  with W = 1 only the pending token (no drafts, no latents).
+  """
+  B, W = clean_BxW.shape
+  j = jnp.arange(W)
+  clean_valid = j[None] <= n_drafts_B[:, None]
+  cc = (j[:, None] >= j[None, :])[None] & clean_valid[:, None, :]
+  pos_c = n_B[:, None] - 1 + j
+  if W == 1:
+    return clean_BxW, None, None, jnp.zeros((B, 1)), pos_c, cc
+  D = z_BxKxD.shape[-1]
+  src = j[:, None] + j[None, :]                  # [window a, latent j]: the carried index there
+  lat_pos = n_B[:, None, None] + src[None]
+  carried = (src < W - 1)[None] & carry
+  fresh = schedule.latent_noise(rng, lat_pos.reshape(B, W * W), D).reshape(B, W, W, D)
+  z = jnp.where(carried[..., None], z_BxKxD[:, jnp.minimum(src, W - 2)], fresh)
+  t = jnp.where(carried, t_BxK[:, jnp.minimum(src, W - 2)], 1.0)
+  valid = ((j[None, :, None] <= n_drafts_B[:, None, None]) & (lat_pos < limit_B[:, None, None])
+           & active_B[:, None, None]).reshape(B, W * W)
+  sees_clean = jnp.repeat(j[None, :] <= j[:, None], W, axis=0)[None] & clean_valid[:, None, :]
+  same_window = jnp.repeat(jnp.repeat(jnp.eye(W, dtype=bool), W, axis=0), W, axis=1)
+  mask = jnp.concatenate([
+      jnp.concatenate([cc, jnp.zeros((B, W, W * W), bool)], axis=2),
+      jnp.concatenate([sees_clean, same_window[None] & valid[:, None, :]], axis=2)], axis=1)
+  cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+  return (cat(clean_BxW, jnp.zeros((B, W * W), jnp.int32)),
+          cat(jnp.zeros((B, W, D)), z.reshape(B, W * W, D)),
+          cat(jnp.zeros((B, W), bool), jnp.ones((B, W * W), bool)),
+          cat(jnp.zeros((B, W)), t.reshape(B, W * W)),
+          cat(pos_c, lat_pos.reshape(B, W * W)), mask | jnp.eye(W + W * W, dtype=bool))
 
 
 def confidence_of(probs_BxWxV, kind):
@@ -238,7 +342,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   S = P + G                                # cache and token buffer length
   W = policy.resolved_window(G)
   n_max = policy.resolved_n_max()
-  max_iters = n_max * G                    # a commit at least every n_max iterations
+  # A commit at least every n_max iterations (verify: at least one token every pass).
+  max_iters = G if policy.readout == "clean" else n_max * G
   D = cfg.d_model
   j_W = jnp.arange(W)
   rows = jnp.arange(B)[:, None]
@@ -248,7 +353,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   # Prefill: the prompt's clean keys/values, in one causal pass.
   i_P = jnp.arange(P)
   mask = (i_P[:, None] >= i_P[None, :]) & (i_P[None, None, :] < prompt_len_B[:, None, None])
-  logits_P, _, (k_new, v_new) = apply(prompt_BxP, None, None, jnp.zeros((B, P)),
+  _, _, (k_new, v_new) = apply(prompt_BxP, None, None, jnp.zeros((B, P)),
                                       jnp.broadcast_to(i_P, (B, P)), mask | jnp.eye(P, dtype=bool))
   cache_shape = (cfg.n_layers, B, S) + k_new.shape[3:]
   state = dict(
@@ -261,41 +366,96 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       t=jnp.ones((B, W)), age=jnp.zeros((B, W), jnp.int32),
       tokens=jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompt_BxP),
       done=prompt_len_B >= limit_B, stop=jnp.zeros((B,), jnp.int32),
-      nfe=jnp.zeros((B,), jnp.int32),
+      nfe=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
       committed_at=jnp.full((B, G), -1, jnp.int32),
       trajectory=jnp.zeros((max_iters if record else 0, B, G)))
   if policy.readout == "clean":
-    # The clean stream's prediction of the next token; the first comes from the prefill.
-    state["next_logits"] = logits_P[jnp.arange(B), prompt_len_B - 1].astype(jnp.float32)
+    # The last committed token is pending (fed, not cached): the first pass feeds the prompt's
+    # last token, whose keys/values it rewrites. No drafts yet.
+    state.update(
+        n_cached=prompt_len_B - 1, n_pending=jnp.ones((B,), jnp.int32),
+        pending=prompt_BxP[jnp.arange(B), prompt_len_B - 1],
+        drafts=jnp.zeros((B, W - 1), jnp.int32), n_drafts=jnp.zeros((B,), jnp.int32),
+        draft_probs=jnp.zeros((B, W - 1, cfg.vocab_size)),
+        z=schedule.latent_noise(rng, prompt_len_B[:, None] + j_W[:W - 1], D),
+        t=jnp.ones((B, W - 1)))
 
-  def clean_body(st):
-    """AR decoding of the clean stream, as a causal LM with its cache: commit the token the
-    last clean position predicts, and feed it (one clean input against the cache), which
-    writes its keys and values and predicts the next. One pass per token."""
-    n, active = st["n_cached"], ~st["done"]
-    k_tok = jax.random.fold_in(jax.random.fold_in(rng, 1), st["i"])
-    tok = choose_tokens(k_tok, st["next_logits"][:, None], temperature, top_p)    # [B, 1]
-    cache_mask = jnp.arange(S)[None, None, :] < n[:, None, None]
-    logits, _, (k_new, v_new) = apply(
-        tok, None, None, jnp.zeros((B, 1)), n[:, None], jnp.ones((B, 1, 1), bool),
-        st["cache_k"], st["cache_v"], cache_mask)
-    idx = jnp.where(active, n, S)[:, None]
-    write = lambda c, new: c.at[:, rows, idx].set(new, mode="drop")
-    count = active.astype(jnp.int32)
+  def verify_body(st):
+    """readout=clean: one pass feeds [pending | W - 1 drafts] as clean inputs, and W windows
+    of W latents, window a for the case that a drafts are accepted (see verify_inputs). The
+    clean stream's next-token logits verify the drafts (the leftmost run that passes the
+    speculative-sampling test) and give one more token; the window of the accepted count makes
+    the next drafts, and its latents, one step more mature, the next pass's windows. With
+    W = 1 there are neither drafts nor latents: AR decoding of the clean stream."""
+    n = st["n_cached"] + 1                      # committed tokens, the last one pending
+    active = ~st["done"]
+    nd = st["n_drafts"]
+    clean_tok = jnp.concatenate([st["pending"][:, None], st["drafts"]], axis=1)     # [B, W]
+    tokens, z, is_latent, t, pos, mask = verify_inputs(
+        clean_tok, n, nd, st["z"], st["t"], active, limit_B, rng, policy.carry)
+    cache_mask = jnp.arange(S)[None, None, :] < st["n_cached"][:, None, None]
+    logits, t_hat, (k_new, v_new) = apply(tokens, z, is_latent, t, pos, mask, st["cache_k"],
+                                          st["cache_v"], jnp.broadcast_to(
+                                              cache_mask, (B, tokens.shape[1], S)))
+    k_accept, k_next, k_draft, k_noise = jax.random.split(
+        jax.random.fold_in(jax.random.fold_in(rng, 1), st["i"]), 4)
+
+    # Verification: p is the clean stream's distribution at [n, n + W), q the drafts'.
+    p = sampling_probs(logits[:, :W].astype(jnp.float32), temperature, top_p)
+    lenient = None
+    if policy.accept_ratio < 1 and W > 1:     # greedy only: sampling keeps the exact rule
+      probs = jax.nn.softmax(logits[:, :W - 1].astype(jnp.float32), axis=-1)
+      p_d = jnp.take_along_axis(probs, st["drafts"][..., None], axis=-1)[..., 0]
+      lenient = (p_d >= policy.accept_ratio * jnp.max(probs, axis=-1)) & (temperature <= 0)
+    n_accept, next_dist = speculative_accept(k_accept, p, st["drafts"], st["draft_probs"], nd,
+                                             lenient)
+    next_tok = jax.random.categorical(k_next, jnp.log(next_dist)).astype(jnp.int32)
+    committed = jnp.where(j_W[None] < n_accept[:, None],
+                          jnp.pad(st["drafts"], ((0, 0), (0, 1))), next_tok[:, None])
+    count = jnp.where(active, jnp.minimum(n_accept + 1, limit_B - n), 0)
+    is_eos = (committed == eos_id) & (j_W[None] < count[:, None])
+    hit_eos = jnp.any(is_eos, axis=1)
+    count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, count)
+
+    # The pending token and the accepted drafts (clean inputs 0 .. count - 1) join the cache;
+    # the last committed token is the next pending one.
+    idx = jnp.where(j_W[None] < count[:, None], st["n_cached"][:, None] + j_W, S)
+    write = lambda c, new: c.at[:, rows, idx].set(new[:, :, :W], mode="drop")
+    last = jnp.take_along_axis(committed, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
     n_new = n + count
-    stop = jnp.where(st["done"], st["stop"], jnp.where(tok[:, 0] == eos_id, 1,
-                                                       jnp.where(n_new >= limit_B, 2, 0)))
-    trajectory = st["trajectory"]
-    if record:
-      done_G = jnp.arange(G)[None] < (n_new - prompt_len_B)[:, None]
-      trajectory = trajectory.at[st["i"]].set(jnp.where(done_G, 0.0, 1.0))
-    return dict(st, i=st["i"] + 1, cache_k=write(st["cache_k"], k_new),
-                cache_v=write(st["cache_v"], v_new), n_cached=n_new,
-                tokens=scatter_rows(st["tokens"], n, tok, count),
-                committed_at=scatter_rows(st["committed_at"], n - prompt_len_B,
-                                          jnp.full((B, 1), st["i"]), count),
-                next_logits=logits[:, 0].astype(jnp.float32), done=st["done"] | (stop > 0),
-                stop=stop, nfe=st["nfe"] + count, trajectory=trajectory)
+    stop = jnp.where(st["done"], st["stop"],
+                     jnp.where(hit_eos, 1, jnp.where(n_new >= limit_B, 2, 0)))
+    out = dict(st, i=st["i"] + 1, cache_k=write(st["cache_k"], k_new),
+               cache_v=write(st["cache_v"], v_new), n_cached=st["n_cached"] + count,
+               pending=jnp.where(active, last, st["pending"]),
+               tokens=scatter_rows(st["tokens"], n, committed, count),
+               committed_at=scatter_rows(st["committed_at"], n - prompt_len_B,
+                                         jnp.full((B, W), st["i"]), count),
+               done=st["done"] | (stop > 0), stop=stop, nfe=st["nfe"] + active,
+               accepted=st["accepted"] + jnp.maximum(count - 1, 0))   # tokens beyond one
+
+    if W > 1:   # the window of the accepted count makes the next drafts
+      pick = lambda x: jnp.take_along_axis(
+          x.reshape((B, W, W) + x.shape[2:]), n_accept.reshape((B, 1, 1) + (1,) * (x.ndim - 2)),
+          axis=1)[:, 0]
+      logits_w = pick(logits[:, W:])
+      q = sampling_probs(logits_w[:, 1:].astype(jnp.float32), temperature, top_p)
+      out.update(draft_probs=q,
+                 drafts=jax.random.categorical(k_draft, jnp.log(q)).astype(jnp.int32),
+                 n_drafts=jnp.clip(limit_B - n_new, 0, W - 1))
+      if policy.carry:   # ... and its latents, one flow step more mature, the next windows
+        z_w, t_w = pick(z[:, W:]), pick(t[:, W:])
+        probs = jax.nn.softmax(logits_w, axis=-1)
+        t_next = next_times(policy, t_w, confidence_of(probs, policy.confidence),
+                            pick(t_hat[:, W:]))
+        z_next = flow_update(sched, z_w, t_w, t_next, probs @ e_VxD, policy.noise, k_noise)
+        out.update(z=z_next[:, 1:], t=t_next[:, 1:])
+    if record:   # t of every generated position: 0 committed, the next drafts' t, 1 beyond
+      g_G = jnp.arange(G)[None]
+      base = jnp.where(g_G < (n_new - prompt_len_B)[:, None], 0.0, 1.0)
+      out["trajectory"] = st["trajectory"].at[st["i"]].set(
+          scatter_rows(base, n_new - prompt_len_B, out["t"], jnp.full((B,), W - 1)))
+    return out
 
   def body(st):
     n_committed = st["n_cached"] + st["n_pending"]
@@ -366,11 +526,12 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     return dict(i=st["i"] + 1, cache_k=cache_k, cache_v=cache_v, n_cached=n_cached,
                 pending=tok, n_pending=n_new, z=z, t=t, age=age, tokens=tokens,
                 done=st["done"] | (stop > 0), stop=stop, nfe=st["nfe"] + ~st["done"],
-                committed_at=committed_at, trajectory=trajectory)
+                committed_at=committed_at, trajectory=trajectory, accepted=st["accepted"])
 
   cond = lambda st: (st["i"] < max_iters) & ~jnp.all(st["done"])
-  st = jax.lax.while_loop(cond, clean_body if policy.readout == "clean" else body, state)
+  st = jax.lax.while_loop(cond, verify_body if policy.readout == "clean" else body, state)
   return dict(tokens=st["tokens"], length=st["n_cached"] + st["n_pending"], nfe=st["nfe"],
+              accepted=st["accepted"],
               stop=st["stop"], committed_at=st["committed_at"], trajectory=st["trajectory"],
               cache_k=st["cache_k"], cache_v=st["cache_v"], n_cached=st["n_cached"])
 
@@ -402,6 +563,7 @@ def decode_batch(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, *
 class Sample:
   tokens: list                 # the new tokens (EOS included when it stopped there)
   nfe: int                     # forward passes of the decoding loop for this row
+  accepted_drafts: int         # readout=clean: accepted drafts, the tokens beyond one a pass
   tokens_per_forward: float
   tokens_per_sec: float        # new tokens of the whole batch / wall time of the batch
   stop_reason: str             # eos | length | context
@@ -442,6 +604,10 @@ def generate(model, params, sched, prompts, policy, *, max_new_tokens, context, 
     raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise DecodingError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+  if policy.readout == "clean" and 2 * policy.window - 1 > context:
+    raise DecodingError(f"policy {policy.name}: window {policy.window} does not fit the model's "
+                        f"context of {context}: its drafts and the window behind them take "
+                        f"2 W - 1 = {2 * policy.window - 1} positions")
   B = len(prompts)
   P = -(-max(len(p) for p in prompts) // 16) * 16
   buf = np.zeros((B, P), np.int32)
@@ -466,7 +632,8 @@ def generate(model, params, sched, prompts, policy, *, max_new_tokens, context, 
       reason = "context"
     traj = out["trajectory"][:nfe, b, :n] if record else None
     samples.append(Sample(tokens=[int(x) for x in out["tokens"][b, lens[b]:lens[b] + n]],
-                          nfe=nfe, tokens_per_forward=n / max(nfe, 1), tokens_per_sec=tps,
+                          nfe=nfe, accepted_drafts=int(out["accepted"][b]),
+                          tokens_per_forward=n / max(nfe, 1), tokens_per_sec=tps,
                           stop_reason=reason, seconds=seconds, trajectory=traj))
   return samples
 

@@ -129,6 +129,7 @@ def complete(run, texts, policy, *, max_new_tokens, temperature=0.0, top_p=1.0, 
   """Continues each text ([bos] + its tokens, left-truncated to leave max_new_tokens of the
   context) under `policy`; each batch has batch_size rows (the last one padded) so that its
   compilation is reused. Returns ([Completion], seconds of decoding)."""
+  run.check_policy(policy)
   context = run.context
   if not 1 <= max_new_tokens < context:
     raise EvalError(f"max_new_tokens must be in [1, {context - 1}] (the model's context is "
@@ -176,7 +177,7 @@ def decoding_stats(completions, seconds):
 def add_generation_args(p, max_new_tokens):
   """The options of a generation task; `max_new_tokens` is its default length, capped to half
   the model's context (generation_length)."""
-  p.add_argument("--policy", default="evo", help="ar | ar_clean | diffusion | block | evo")
+  p.add_argument("--policy", default="verify", help=" | ".join(decoding.POLICIES))
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--max_new_tokens", type=int, default=None,

@@ -1,6 +1,6 @@
 """An lm-evaluation-harness model for evo_jax runs, registered as `evo_jax`.
 
-    lm_eval --model evo_jax --model_args workdir=DIR,policy=evo --tasks hellaswag [...]
+    lm_eval --model evo_jax --model_args workdir=DIR,policy=verify --tasks hellaswag [...]
 
 works once evo_jax is installed: evo_jax/lm_eval_plugin.py registers this class with lm-eval
 (0.4.13 has no plugin discovery of its own). Without an install, `python -m evo_jax.harness`
@@ -8,8 +8,8 @@ takes the same arguments: it imports this module, whose decorator registers the 
 hands the command line to lm_eval's own `cli_evaluate`. From Python, `import evo_jax.harness`
 and pass `model="evo_jax"` (or an `EvoLM` instance) to `lm_eval.simple_evaluate`.
 
-model_args: workdir (required), policy (ar | ar_clean | diffusion | block | evo; default evo),
-batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256,
+model_args: workdir (required), policy (ar | ar_clean | verify | diffusion | block | evo;
+default verify), batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256,
 at most half the model's context, as in `evaluate`), and any setting of the policy (window=8,
 gamma=0.5, ...).
 
@@ -40,7 +40,7 @@ importlib.import_module("lm_eval.models")
 @register_model("evo_jax")
 class EvoLM(LM):
 
-  def __init__(self, workdir, policy="evo", batch_size=16, seed=0, temperature=0.0, top_p=1.0,
+  def __init__(self, workdir, policy="verify", batch_size=16, seed=0, temperature=0.0, top_p=1.0,
                max_gen_toks=256, max_batch_size=None, device=None, **policy_settings):
     del max_batch_size, device        # lm_eval passes them to every model; one device here
     super().__init__()

@@ -36,6 +36,14 @@ class Run(NamedTuple):
   def context(self):
     return self.cfg.data.seq_len
 
+  def check_policy(self, policy):
+    """A one-line error for a policy this run cannot decode with: the clean stream's
+    next-token readout (readout=clean) is only trained with loss.clean_ar_weight > 0."""
+    if policy.readout == "clean" and self.cfg.loss.clean_ar_weight <= 0:
+      raise decoding.DecodingError(
+          f"policy {policy.name} decodes with the clean stream's next-token readout, which the "
+          f"run in {self.workdir} did not train (its loss.clean_ar_weight is 0)")
+
 
 def read_run_config(workdir):
   """The config a workdir's run was trained with, as a full ConfigDict."""

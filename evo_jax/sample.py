@@ -1,6 +1,6 @@
 """Decoding from a trained run (method.md section 5; the loop: evo_jax/decoding.py).
 
-    python -m evo_jax.sample --workdir DIR --policy {ar,ar_clean,diffusion,block,evo} --prompt TEXT
+    python -m evo_jax.sample --workdir DIR --policy {ar,ar_clean,verify,diffusion,block,evo} --prompt TEXT
         [--prompts_file FILE] [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]
         [--json] [--trajectory FILE.png] [--policy.SETTING=VALUE ...]
 
@@ -65,7 +65,7 @@ def main(argv=None):
   with cli.command():
     parser = cli.OneLineParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a trained run (checkpoints, config)")
-    parser.add_argument("--policy", default="evo", help="ar | ar_clean | diffusion | block | evo")
+    parser.add_argument("--policy", default="verify", help=" | ".join(decoding.POLICIES))
     parser.add_argument("--prompt", help="the text to continue")
     parser.add_argument("--prompts_file", help="one prompt per line (.jsonl: JSON strings)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -79,6 +79,7 @@ def main(argv=None):
     texts = read_prompts(args)
 
     run = run_lib.load_run(args.workdir)
+    run.check_policy(policy)
     tokenizer = run.tokenizer
     prompts = [[tokenizer.bos_id] + tokenizer.encode(text) for text in texts]
     samples = decoding.generate(

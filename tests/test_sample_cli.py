@@ -38,7 +38,7 @@ def test_module_entry_point_exits_2():
                           timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "error: unknown policy 'beam' (expected one of ar, ar_clean, diffusion, block, evo)"]
+      "error: unknown policy 'beam' (expected one of ar, ar_clean, verify, diffusion, block, evo)"]
 
 
 def test_prompt_longer_than_the_context(workdir, tmp_path, capsys):
@@ -68,19 +68,27 @@ def test_json_output_and_trajectory_png(workdir, tmp_path, capsys):
 
 
 def test_bench_decode_table(workdir, tmp_path, capsys):
-  rows = bench.main(["decode", "--workdir", workdir, "--policies", "ar,ar_clean,evo",
-                     "--n_prompts", "3", "--prompt_len", "8", "--max_new_tokens", "8",
-                     "--batch_size", "3", "--repeats", "1", "--evo.window=4",
-                     "--json", str(tmp_path / "bench.json")])
+  rows = bench.main(["decode", "--workdir", workdir, "--policies",
+                     "ar,ar_clean,verify:window=3,evo", "--n_prompts", "3",
+                     "--prompt_len", "8", "--max_new_tokens", "8", "--batch_sizes", "3",
+                     "--repeats", "1", "--evo.window=4", "--verify.steps=1",
+                     "--json", str(tmp_path / "bench.json"), "--plot", str(tmp_path / "p.png")])
   out = capsys.readouterr().out
   assert "| policy" in out and "| ar " in out and "| evo " in out and "held-out text" in out
+  assert "tok/s b=3" in out
   by_name = {r["policy"]: r for r in rows}
   assert by_name["ar"]["tokens_per_forward"] == by_name["ar_clean"]["tokens_per_forward"] == 1.0
   assert by_name["ar_clean"]["settings"] == "clean stream"
   assert by_name["evo"]["tokens_per_forward"] >= 1.0        # the leftmost is forced each pass
+  assert by_name["ar"]["same_as_ar"] == by_name["ar_clean"]["same_as_ar_clean"] == 1.0
+  [verify] = [r for r in rows if r["policy"] == "verify"]
+  assert verify["policy_settings"]["window"] == 3 and verify["policy_settings"]["steps"] == 1
+  assert verify["same_as_ar_clean"] == 1.0                # lossless: greedy verify is ar_clean's
+  assert verify["tokens_per_forward"] == pytest.approx(1 + verify["drafts_per_pass"])
   for r in rows:
     assert r["nll"] > 0 and r["entropy"] >= 0
   assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["policy"] == "ar"
+  assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
   one_line_error(capsys, bench.main, ["decode", "--workdir", workdir, "--nope=1"],
                  "unknown argument: --nope=1")
   one_line_error(capsys, bench.main, ["decode", "--workdir", workdir, "--prompt_len", "30"],
