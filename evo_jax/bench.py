@@ -5,8 +5,11 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
   train    median step time and training tokens per second of a config on the real data:
         python -m evo_jax.bench train --config configs/tiny.py [--steps 20] [--config.x.y=v ...]
 
-  bound    the held-out bound of a checkpoint for several log-SNR ranges:
+  bound    the held-out bound of a checkpoint for several log-SNR ranges; --profile PREFIX also
+           writes where it goes (the diffusion integrand by log-SNR bin, the latent
+           cross-entropy by log-SNR and t bin, per W) to PREFIX.csv and PREFIX.png:
         python -m evo_jax.bench bound --workdir DIR [--log_snr_min -12] [--log_snr_max 10,6,4,2,0]
+            [--batches 4] [--profile PREFIX] [--bins 16]
 
   memory   temporary memory of the compiled train step, dense vs chunked attention:
         python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
@@ -47,6 +50,7 @@ from evo_jax import backend
 from evo_jax import cli
 from evo_jax import data
 from evo_jax import decoding
+from evo_jax import loss as loss_lib
 from evo_jax import measure
 from evo_jax import run as run_lib
 from evo_jax import scoring
@@ -212,16 +216,22 @@ def format_table(rows, batch_sizes):
   return "\n".join(lines)
 
 
-def plot_front(rows, path, title):
-  """The speed/quality picture: tokens per forward pass against AR-NLL, one point per policy
-  row, the Pareto front (no other row both faster and more likely) joined by a line, and the
-  held-out text's own AR-NLL as a dashed line."""
+def plotting():
+  """matplotlib.pyplot (headless), or a one-line error naming the extra that installs it."""
   try:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
-    raise UserError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    raise UserError("plots need matplotlib: pip install -e '.[plot]'") from None
+  return plt
+
+
+def plot_front(rows, path, title):
+  """The speed/quality picture: tokens per forward pass against AR-NLL, one point per policy
+  row, the Pareto front (no other row both faster and more likely) joined by a line, and the
+  held-out text's own AR-NLL as a dashed line."""
+  plt = plotting()
   points = [r for r in rows if r.get("tokens_per_forward") is not None]
   front = sorted((r for r in points if not any(
       o["tokens_per_forward"] >= r["tokens_per_forward"] and o["nll"] <= r["nll"] and
@@ -334,6 +344,61 @@ def run_bound(args, rest):
   print(" | ".join(h.replace("_bpt", "").replace("ar_nll", "AR-path") for h in header))
   for row in rows:
     print(" | ".join(f"{v:,.3f}" for v in row))
+  if args.profile:
+    write_bound_profile(run, batches, args.profile, args.bins)
+
+
+def bound_profile(run, batches, bins):
+  """Where the bound goes, for each W of bound.windows on the run's own log-SNR range: the
+  diffusion integrand and the latent cross-entropy averaged per log-SNR bin, and the latent
+  cross-entropy per t bin. Rows (window, bin_by, lo, hi, draws, integrand, latent_ce). The
+  draws are those of the table's row for the run's own range (the same keys)."""
+  cfg = run.cfg
+  lam_min, lam_max = float(cfg.bound.log_snr_min), float(cfg.bound.log_snr_max)
+  rows = []
+  for j, w in enumerate(cfg.bound.windows):
+    fn = jax.jit(loss_lib.make_bound(run.model, cfg, w, per_token=True))
+    key = lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), i), j)
+    draws = [jax.device_get(fn(run.params, b, key(i))) for i, b in enumerate(batches)]
+    get = lambda k: np.concatenate([d[k][d["mask"]] for d in draws])
+    lam, t, integrand, ce = get("log_snr"), get("t"), get("integrand"), get("latent_ce")
+    for bin_by, x, edges in (("log_snr", lam, np.linspace(lam_min, lam_max, bins + 1)),
+                             ("t", t, np.linspace(0.0, 1.0, bins + 1))):
+      which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, bins - 1)
+      for i in range(bins):
+        sel = which == i
+        rows.append((measure.window_name(w), bin_by, edges[i], edges[i + 1], int(sel.sum()),
+                     float(integrand[sel].mean()) if sel.any() else float("nan"),
+                     float(ce[sel].mean()) if sel.any() else float("nan")))
+  return rows
+
+
+def write_bound_profile(run, batches, prefix, bins):
+  """bound_profile as PREFIX.csv and a plot, PREFIX.png (integrand by log-SNR, latent
+  cross-entropy by t, one line per W)."""
+  rows = bound_profile(run, batches, bins)
+  with open(f"{prefix}.csv", "w") as f:
+    f.write("window,bin_by,lo,hi,draws,integrand_nats,latent_ce_nats\n")
+    for r in rows:
+      f.write(",".join(str(v) if isinstance(v, (str, int)) else f"{v:.6g}" for v in r) + "\n")
+  plt = plotting()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for w in dict.fromkeys(r[0] for r in rows):
+    for ax, bin_by, col in ((left, "log_snr", 5), (right, "t", 6)):
+      sel = [r for r in rows if r[0] == w and r[1] == bin_by]
+      ax.plot([(r[2] + r[3]) / 2 for r in sel], [r[col] for r in sel], "o-", label=f"W={w}")
+  left.set_yscale("log")
+  left.set(xlabel="log-SNR lambda", ylabel="1/2 exp(lambda) ||e - e_hat||^2 (nats)",
+           title="the diffusion term's integrand")
+  right.set(xlabel="t", ylabel="latent cross-entropy (nats)",
+            title="latent cross-entropy by t (shared pattern)")
+  for ax in (left, right):
+    ax.legend(fontsize=8)
+  fig.suptitle(f"{run.workdir} (step {run.step}), held-out", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(f"{prefix}.png", dpi=100)
+  plt.close(fig)
+  print(f"bound profile: {prefix}.csv, {prefix}.png")
 
 
 def floats(text):
@@ -345,6 +410,8 @@ def add_bound_args(p):
   p.add_argument("--log_snr_min", type=floats, default=[-12.0])
   p.add_argument("--log_snr_max", type=floats, default=[10.0, 6.0, 4.0, 2.0, 0.0])
   p.add_argument("--batches", type=int, default=4)
+  p.add_argument("--profile", help="also write where the bound goes to PREFIX.csv and .png")
+  p.add_argument("--bins", type=int, default=16, help="of the profile")
 
 
 # ---------------------------------------------------------------------------------------------

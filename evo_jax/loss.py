@@ -187,8 +187,11 @@ def gaussian_prior_kl(e_BxLxD, a, s):
   return 0.5 * (a ** 2 * jnp.sum(jnp.square(e_BxLxD), -1) + D * (s ** 2 - 1.0 - 2.0 * jnp.log(s)))
 
 
-def make_bound(model, cfg, window_size):
-  """bound(params, batch, rng) -> dict of per-token sums (nats) and the token count.
+def make_bound(model, cfg, window_size, per_token=False):
+  """bound(params, batch, rng) -> dict of per-token sums (nats) and the token count; with
+  per_token, the diffusion term's draws instead, for a profile of where the bound goes:
+  log_snr, t, integrand (1/2 exp(lambda) ||e - e_hat||^2, whose mean over lambda times
+  lambda_max - lambda_min is the term), latent_ce (of the token at that draw) and mask, [B, L].
 
   The `shared`-pattern bound with window W (offset 0): every token of a window shares one
   log-SNR lambda ~ U[lambda_min, lambda_max], stratified across the batch. Estimated in
@@ -219,6 +222,9 @@ def make_bound(model, cfg, window_size):
     _, logits_z, _ = two_stream_forward(model, params, batch, z, t_BxL, window_B, offset_B)
     mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), -1)
     diffusion_BxL = 0.5 * (lam_max - lam_min) * jnp.exp(lam_BxL) * mse_BxL
+    if per_token:
+      return {"log_snr": lam_BxL, "t": t_BxL, "integrand": 0.5 * jnp.exp(lam_BxL) * mse_BxL,
+              "latent_ce": token_xent(logits_z, tokens), "mask": batch["segment_ids"] > 0}
 
     t_rec = jnp.full((B, L), t_min_noise)
     z_rec = sched.noise(e_BxLxD, t_rec, jax.random.normal(k_eps_rec, e_BxLxD.shape))

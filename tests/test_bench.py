@@ -1,5 +1,7 @@
 """`python -m evo_jax.bench train | bound | memory` on small settings: each prints its table, with
 progress on stderr (bench decode: test_sample_cli.py)."""
+import math
+
 import pytest
 
 from conftest import REPO, SMALL_MODEL
@@ -34,6 +36,31 @@ def test_bench_bound_rows_add_up(tiny_run, capsys):
   for r in rows:
     parts = r["bound_w1_diffusion"] + r["bound_w1_recon"] + r["bound_w1_prior"]
     assert r["bound_w1"] == pytest.approx(parts, abs=0.01) and r["AR-path"] > 0
+
+
+def test_bench_bound_profile_is_the_bound_binned(tiny_run, tmp_path, capsys):
+  """The profile's integrand, averaged over its log-SNR bins and times the range, is the
+  table's diffusion term for the run's own range (the same draws), for each W."""
+  prefix = str(tmp_path / "profile")
+  bench.main(["bound", "--workdir", tiny_run, "--log_snr_max", "4", "--batches", "1",
+              "--bins", "4", "--profile", prefix])
+  lines = capsys.readouterr().out.strip().splitlines()
+  header, row = lines[2].split(" | "), lines[3].replace(",", "").split(" | ")
+  table = dict(zip(header, map(float, row)))
+  with open(prefix + ".csv") as f:
+    rows = [line.strip().split(",") for line in f]
+  assert rows[0] == ["window", "bin_by", "lo", "hi", "draws", "integrand_nats", "latent_ce_nats"]
+  rows = rows[1:]
+  windows = sorted({r[0] for r in rows})
+  assert len(rows) == len(windows) * 2 * 4 and windows   # per W, by log-SNR and by t, 4 bins
+  for w in windows:
+    by_snr = [r for r in rows if r[0] == w and r[1] == "log_snr"]
+    by_t = [r for r in rows if r[0] == w and r[1] == "t"]
+    n = sum(int(r[4]) for r in by_snr)
+    assert n == sum(int(r[4]) for r in by_t) > 0
+    term = sum(int(r[4]) * float(r[5]) for r in by_snr if int(r[4])) / n * 16 / math.log(2)
+    assert term == pytest.approx(table[f"bound_w{w}_diffusion"], rel=2e-3)
+  assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_memory_compiles_the_trainers_step(stdlib_tokenizer, capsys):
