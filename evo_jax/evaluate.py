@@ -42,6 +42,7 @@ from evo_jax import backend
 from evo_jax import cli
 from evo_jax import data
 from evo_jax import decoding
+from evo_jax import files
 from evo_jax import humaneval
 from evo_jax import measure
 from evo_jax import run as run_lib
@@ -73,24 +74,21 @@ AR_PATH = {"policy": "ar-path", "policy_settings": {"window": 1, "t": 1.0}}
 def read_jsonl(path, fields):
   """The records of a JSONL file, each a dict with `fields` ({name: type}); a one-line error
   names the file and line of anything else."""
-  if not os.path.isfile(path):
-    raise EvalError(f"task file not found: {path}")
   records = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError:
-        raise EvalError(f"{path} line {n}: not valid JSON") from None
-      if not isinstance(record, dict):
-        raise EvalError(f"{path} line {n}: expected a JSON object")
-      for name, kind in fields.items():
-        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
-          raise EvalError(f"{path} line {n}: field {name!r} missing or not {kind.__name__}")
-      record["_line"] = n
-      records.append(record)
+  for n, line in enumerate(files.read_text(path, "task file").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      raise EvalError(f"{path} line {n}: not valid JSON") from None
+    if not isinstance(record, dict):
+      raise EvalError(f"{path} line {n}: expected a JSON object")
+    for name, kind in fields.items():
+      if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
+        raise EvalError(f"{path} line {n}: field {name!r} missing or not {kind.__name__}")
+    record["_line"] = n
+    records.append(record)
   if not records:
     raise EvalError(f"{path}: no examples")
   return records
@@ -488,15 +486,6 @@ TASKS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def write_json(path, record):
-  """Written whole or not at all: a failed run never leaves a half file (or loses an old one)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(tmp, path)
-
-
 def evaluate(argv):
   """Parses the command line, runs the task and returns the results record (also written to
   --output)."""
@@ -512,6 +501,7 @@ def evaluate(argv):
     raise EvalError(f"unknown task {args.task!r} (expected one of {', '.join(TASKS)})")
   if args.limit < 0 or args.batch_size < 1:
     raise EvalError("--limit must be >= 0 and --batch_size >= 1")
+  files.check_output(args.output, "--output")
   task = TASKS[args.task]
   task_parser = cli.OneLineParser(prog=f"evaluate --task {args.task}")
   task.add_args(task_parser)
@@ -544,7 +534,7 @@ def evaluate(argv):
       "config": cfg.to_dict(), "machine": backend.machine(),
       "seconds": time.perf_counter() - start,
       "command": ["python", "-m", "evo_jax.evaluate"] + argv}
-  write_json(args.output, record)
+  files.write_text(args.output, json.dumps(record, indent=1), "--output")
   m = record["metric"]
   stderr = "" if m["stderr"] is None else f" +- {m['stderr']:.4f}"   # None: one example
   print(f"{args.task} ({record['benchmark']}, {record['n_examples']} examples, step {step}): "

@@ -7,14 +7,19 @@ import numpy as np
 
 
 class MetricsWriter:
-  def __init__(self, workdir, enabled=True):
+  """Appends to a run's metrics. A run that starts at `start_step` (the checkpoint it resumed
+  from, or 0) first drops what an earlier, interrupted run logged after that step, in
+  metrics.jsonl and in TensorBoard (its purge_step), so that each step is logged once."""
+
+  def __init__(self, workdir, start_step=0, enabled=True):
     self.enabled = enabled
     if not enabled:
       return
     self.path = os.path.join(workdir, "metrics.jsonl")
+    drop_records_after(self.path, start_step)
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
 
   def write(self, step, record):
     """record: {name: number or list of numbers}; lists go to TensorBoard element-wise."""
@@ -48,6 +53,28 @@ def _plain(value):
     v = float(arr)
     return v if np.isfinite(v) else None
   return [float(v) if np.isfinite(v) else None for v in arr.tolist()]
+
+
+def drop_records_after(path, step):
+  """Rewrites metrics.jsonl (whole, atomically) without its records past `step`, and without
+  a last line cut short by a kill."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue
+  if len(kept) == len(lines):
+    return
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir):

@@ -18,6 +18,7 @@ import sys
 
 from evo_jax import cli
 from evo_jax import decoding
+from evo_jax import files
 from evo_jax import run as run_lib
 from evo_jax.errors import UserError
 
@@ -30,10 +31,7 @@ def read_prompts(args):
       raise UserError("empty prompt")
     prompts.append(args.prompt)
   if args.prompts_file:
-    if not os.path.isfile(args.prompts_file):
-      raise UserError(f"prompts file not found: {args.prompts_file}")
-    with open(args.prompts_file, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = files.read_text(args.prompts_file, "prompts file").splitlines()
     for n, line in enumerate(lines, start=1):
       if not line.strip():
         continue

@@ -24,6 +24,7 @@ import sys
 from evo_jax import cli
 from evo_jax import config
 from evo_jax import decoding
+from evo_jax import files
 from evo_jax.errors import UserError
 
 REFERENCE_FILE = os.path.join(os.path.dirname(__file__), "reference_results.json")
@@ -36,11 +37,9 @@ class TablesError(UserError):
 def load_results(paths):
   results = []
   for path in paths:
-    if not os.path.isfile(path):
-      raise TablesError(f"results file not found: {path}")
+    text = files.read_text(path, "results file")
     try:
-      with open(path) as f:
-        record = json.load(f)
+      record = json.loads(text)
     except ValueError:
       raise TablesError(f"{path}: not valid JSON") from None
     required = {"task", "benchmark", "metric", "checkpoint"}

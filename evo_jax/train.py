@@ -188,7 +188,6 @@ class Trainer:
     cfg, workdir = self.cfg, self.workdir
     tcfg = cfg.train
     ckpts = checkpoint.RunCheckpoints(workdir, keep=tcfg.keep_checkpoints)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     data_iter = iter(self.dataset("train"))
     eval_batches = data.make_eval_batches(
         cfg.data.corpus, self.tokenizer, cfg.data.seq_len, cfg.data.batch_size,
@@ -204,6 +203,7 @@ class Trainer:
     else:
       state = ckpts.restore(start, self.abstract_state, data_iter)
       log(f"resumed from {ckpts.directory}/{start}")
+    writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"{workdir}: {n_params:,} parameters, mesh {dict(self.mesh.shape)}, "

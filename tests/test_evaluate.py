@@ -51,7 +51,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
   bad.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n\n{"context": oops}\n')
   no_label = tmp_path / "no_label.jsonl"
   no_label.write_text('{"context": "a", "choices": ["b", "c"], "label": 5}\n')
+  latin1 = tmp_path / "latin1.jsonl"
+  latin1.write_bytes('{"question": "x", "answer": "#### 1"}\n{"question": "caf\u00e9"}\n'
+                     .encode("latin-1"))
+  (tmp_path / "folder.json").mkdir()
   cases = [
+      (["--task", "gsm8k", "--test_file", str(latin1)],
+       f"task file {latin1} is not valid UTF-8 (line 2, byte"),
+      (["--task", "choice", "--file", str(tmp_path)], f"task file {tmp_path} is a directory"),
+      (["--output", str(tmp_path / "folder.json"), "--task", "choice", "--file", str(bad)],
+       "--output", "folder.json is a directory: give a file name"),
       (["--task", "mmlu"], "unknown task 'mmlu'", "likelihood, gsm8k, choice, humaneval"),
       (["--task", "gsm8k", "--test_file", str(tmp_path / "none.jsonl")],
        "task file not found", "none.jsonl"),
@@ -65,6 +74,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
   for argv, *fragments in cases:
     conftest.one_line_error(capsys, evaluate.main, base + argv, *fragments)
   assert not (tmp_path / "out.json").exists()
+  assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_generation_lengths_fit_the_model(tiny_run, tmp_path, capsys):

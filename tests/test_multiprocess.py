@@ -42,7 +42,17 @@ def launch(cmd, **kwargs):
 
 
 def losses(workdir):
+  if not (workdir / "metrics.jsonl").exists():
+    return {}
   return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+
+
+def last_logged(workdir):
+  """The last train step in metrics.jsonl so far (0 if none, or while a line is half written)."""
+  try:
+    return max(losses(workdir), default=0)
+  except ValueError:
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +87,9 @@ def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_to
   workdir = tmp_path / "killed"
   cmd = command(workdir, stdlib_tokenizer)
   proc = launch(cmd)
-  first = workdir / "checkpoints" / "3"
-  deadline = time.monotonic() + 900
-  while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+  deadline = time.monotonic() + 900      # killed once step 4 is logged (after checkpoint 3):
+  while (last_logged(workdir) < 4 and proc.poll() is None   # what it logged after its
+         and time.monotonic() < deadline):                # checkpoint is then lost
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)       # the launcher SIGKILLs both training processes
   out, _ = proc.communicate(timeout=60)
@@ -94,6 +104,8 @@ def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_to
   a, b = losses(straight_run), losses(workdir)
   logged = list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
   assert sorted(a) == sorted(b) == logged
+  # Each step once: the records the killed run wrote after its last checkpoint were dropped.
+  assert [r["step"] for r in metrics.read_metrics(workdir) if r["split"] == "train"] == logged
   for step in logged:
     assert a[step] == b[step], step
 

@@ -19,6 +19,8 @@ def workdir(tiny_run):
 def test_bad_input_before_loading_the_run(tmp_path, capsys):
   (tmp_path / "nockpt").mkdir()
   (tmp_path / "nockpt" / "config.json").write_text("{}")
+  latin1 = tmp_path / "prompts.txt"
+  latin1.write_bytes("caf\u00e9\n".encode("latin-1"))
   cases = [
       (["--workdir", str(tmp_path), "--policy", "beam", "--prompt", "x"], "unknown policy 'beam'"),
       (["--workdir", str(tmp_path), "--prompt", ""], "empty prompt"),
@@ -27,6 +29,10 @@ def test_bad_input_before_loading_the_run(tmp_path, capsys):
       (["--workdir", str(tmp_path), "--prompt", "x", "--max_new_tokens", "many"], "many"),
       (["--workdir", str(tmp_path / "nowhere"), "--prompt", "x"], "no run in", "nowhere"),
       (["--workdir", str(tmp_path / "nockpt"), "--prompt", "x"], "no checkpoint in"),
+      (["--workdir", str(tmp_path), "--prompts_file", str(latin1)],
+       f"prompts file {latin1} is not valid UTF-8 (line 1, byte 3)"),
+      (["--workdir", str(tmp_path), "--prompts_file", str(tmp_path)],
+       f"prompts file {tmp_path} is a directory, not a file"),
   ]
   for argv, *fragments in cases:
     one_line_error(capsys, sample.main, argv, *fragments)
