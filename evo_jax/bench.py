@@ -158,7 +158,8 @@ def run_decode(args, rest):
     return samples, seconds
 
   greedy = {name: decode(decoding.POLICIES[name], max(args.batch_sizes), 0.0, 1)[0]
-            for name in ("ar", "ar_clean")}
+            for name in ("ar", "ar_clean")
+            if name == "ar" or run.cfg.loss.clean_ar_weight > 0}     # a clean readout trained
   rows = []
   nll, ent = quality(scorer, prompts, [c for _, c in pairs])
   rows.append({"policy": "held-out text", "settings": "(reference)", "nll": nll, "entropy": ent})
@@ -176,7 +177,8 @@ def run_decode(args, rest):
                                      if policy.readout == "clean" else None),
                  "tokens_per_sec": speed, "tokens": n_tokens / len(samples), "nll": nll,
                  "entropy": ent, "same_as_ar": agreement(samples, greedy["ar"]),
-                 "same_as_ar_clean": agreement(samples, greedy["ar_clean"]),
+                 "same_as_ar_clean": (agreement(samples, greedy["ar_clean"])
+                                      if "ar_clean" in greedy else None),
                  "eos_stops": sum(s.stop_reason == "eos" for s in samples),
                  "policy_settings": dataclasses.asdict(policy)})
 

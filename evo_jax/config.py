@@ -28,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
       time_cond="adaln",        # adaln | adaln_lowrank | add
       time_rank=64, time_dim=64, fourier_dim=64,
       latent_norm="global",     # global | per_token
+      # Add each latent's Gaussian log-likelihood under every token, log N(z; a(t) e(v), s(t)^2),
+      # to its logits (method.md section 8; zero at t = 1, so the AR path is unchanged).
+      posterior_logits=False,
       tie_embeddings=True,
       dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
       remat="none",             # none | full | dots: activation memory vs recomputation

@@ -37,8 +37,9 @@ Policies (`POLICIES`, or `make_policy(name, **settings)`):
              logits verify the drafts (the speculative-sampling rule: greedy, the longest run
              equal to its argmax) and commit one token more; window a then makes the next
              drafts (with `carry`, its latents, one flow step more mature, are also the next
-             pass's windows; else new latents enter at t = 1 every pass). Lossless: the text is that of ar_clean (greedy), or has its
-             distribution (sampling). Only the accepted tokens' keys and values are cached;
+             pass's windows; else new latents enter at t = 1 every pass). Lossless: the text
+             is that of ar_clean (greedy), or has its distribution (sampling). Only the
+             accepted tokens' keys and values are cached;
   diffusion  W = the whole generation, K equal steps, everything commits at t = 0;
   block      W = B, K steps per block;
   evo        adaptive: the step of each token from its confidence and the time head.
@@ -244,8 +245,8 @@ def verify_inputs(clean_BxW, n_B, n_drafts_B, z_BxKxD, t_BxK, active_B, limit_B,
   n + a + j. Window a is the case that a drafts are accepted: it sees the pending token and
   drafts 1 .. a, the clean prefix before its window as in training (method.md section 3), and
   its own latents, which enter at t = 1; with `carry`, those at positions n .. n + W - 2 are
-  carried over from the previous pass (z, t) instead. Returns (tokens, z, is_latent, t, positions, mask);
-  with W = 1 only the pending token (no drafts, no latents).
+  carried over from the previous pass (z, t) instead. Returns (tokens, z, is_latent, t,
+  positions, mask); with W = 1 only the pending token (no drafts, no latents).
   """
   B, W = clean_BxW.shape
   j = jnp.arange(W)
@@ -350,11 +351,17 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   e_VxD = model.apply(params, method=EvoTransformer.latent_table)
   apply = functools.partial(model.apply, params, method=EvoTransformer.forward_with_cache)
 
+  def latent_logits(logits, z, t):
+    """The latent readout: with model.posterior_logits, plus each latent's own evidence."""
+    if not cfg.posterior_logits:
+      return logits
+    return logits + schedule.posterior_logits(sched, z, t, e_VxD)
+
   # Prefill: the prompt's clean keys/values, in one causal pass.
   i_P = jnp.arange(P)
   mask = (i_P[:, None] >= i_P[None, :]) & (i_P[None, None, :] < prompt_len_B[:, None, None])
   _, _, (k_new, v_new) = apply(prompt_BxP, None, None, jnp.zeros((B, P)),
-                                      jnp.broadcast_to(i_P, (B, P)), mask | jnp.eye(P, dtype=bool))
+                               jnp.broadcast_to(i_P, (B, P)), mask | jnp.eye(P, dtype=bool))
   cache_shape = (cfg.n_layers, B, S) + k_new.shape[3:]
   state = dict(
       i=jnp.zeros((), jnp.int32),
@@ -385,8 +392,9 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     of W latents, window a for the case that a drafts are accepted (see verify_inputs). The
     clean stream's next-token logits verify the drafts (the leftmost run that passes the
     speculative-sampling test) and give one more token; the window of the accepted count makes
-    the next drafts, and its latents, one step more mature, the next pass's windows. With
-    W = 1 there are neither drafts nor latents: AR decoding of the clean stream."""
+    the next drafts (and with `carry`, its latents, one step more mature, the next pass's
+    windows). With W = 1 there are neither drafts nor latents: AR decoding of the clean
+    stream."""
     n = st["n_cached"] + 1                      # committed tokens, the last one pending
     active = ~st["done"]
     nd = st["n_drafts"]
@@ -438,7 +446,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       pick = lambda x: jnp.take_along_axis(
           x.reshape((B, W, W) + x.shape[2:]), n_accept.reshape((B, 1, 1) + (1,) * (x.ndim - 2)),
           axis=1)[:, 0]
-      logits_w = pick(logits[:, W:])
+      logits_w = pick(latent_logits(logits[:, W:], z[:, W:], t[:, W:]))
       q = sampling_probs(logits_w[:, 1:].astype(jnp.float32), temperature, top_p)
       out.update(draft_probs=q,
                  drafts=jax.random.categorical(k_draft, jnp.log(q)).astype(jnp.int32),
@@ -474,7 +482,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
         two(st["n_cached"][:, None] + j_W, win_pos),
         step_mask(pend_valid, valid), st["cache_k"], st["cache_v"],
         jnp.broadcast_to(cache_mask, (B, 2 * W, S)))
-    logits, t_hat = logits[:, W:], t_hat[:, W:]
+    logits, t_hat = latent_logits(logits[:, W:], st["z"], st["t"]), t_hat[:, W:]
 
     # The pending tokens' keys/values join the cache.
     idx = jnp.where(pend_valid, st["n_cached"][:, None] + j_W, S)

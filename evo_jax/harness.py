@@ -9,9 +9,9 @@ hands the command line to lm_eval's own `cli_evaluate`. From Python, `import evo
 and pass `model="evo_jax"` (or an `EvoLM` instance) to `lm_eval.simple_evaluate`.
 
 model_args: workdir (required), policy (ar | ar_clean | verify | diffusion | block | evo;
-default verify), batch_size, seed, temperature (used when a request samples), top_p, max_gen_toks (default 256,
-at most half the model's context, as in `evaluate`), and any setting of the policy (window=8,
-gamma=0.5, ...).
+default verify), batch_size, seed, temperature (used when a request samples), top_p,
+max_gen_toks (default 256, at most half the model's context, as in `evaluate`), and any
+setting of the policy (window=8, gamma=0.5, ...).
 
 - loglikelihood: the AR-path log-likelihood (evo_jax/scoring.py) of each continuation, tokenised
   as `evaluate --task choice` does ([bos] + context, continuation), with its greedy flag;

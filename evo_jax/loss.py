@@ -25,10 +25,13 @@ T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8)   # lower edges; t == 1 falls in the last 
 WEIGHTINGS = ("ce", "elbo")
 
 
-def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B):
+def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None):
   """One attention call over [clean stream | latent stream] (length 2L).
 
   Returns clean-stream logits [B, L, V], latent-stream logits [B, L, V], latent t_hat [B, L].
+  With model.posterior_logits, the latent logits include each latent's own log-likelihood
+  under every token (schedule.posterior_logits; it is zero at t = 1, where the AR path passes
+  no schedule).
   """
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
   B, L = tokens.shape
@@ -42,7 +45,11 @@ def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B)
       both(jnp.zeros_like(t_BxL), t_BxL),
       both(pos, pos),
       mask)
-  return logits[:, :L], logits[:, L:], t_hat[:, L:]
+  logits_z = logits[:, L:]
+  if model.cfg.posterior_logits and sched is not None:
+    logits_z = logits_z + schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL,
+                                                        latent_table(model, params))
+  return logits[:, :L], logits_z, t_hat[:, L:]
 
 
 def latent_table(model, params):
@@ -135,7 +142,7 @@ def make_loss_on_draws(model, cfg):
     e_BxLxD = e_VxD[tokens]
     z_BxLxD = sched.noise(e_BxLxD, t_BxL, draws["eps"])
     logits_c, logits_z, t_hat = two_stream_forward(
-        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B)
+        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched)
 
     mask = loss_mask(batch)
     n_tok = counts["latent"]
@@ -219,7 +226,8 @@ def make_bound(model, cfg, window_size, per_token=False):
     e_VxD = latent_table(model, params)
     e_BxLxD = e_VxD[tokens]
     z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(k_eps, e_BxLxD.shape))
-    _, logits_z, _ = two_stream_forward(model, params, batch, z, t_BxL, window_B, offset_B)
+    _, logits_z, _ = two_stream_forward(model, params, batch, z, t_BxL, window_B, offset_B,
+                                        sched)
     mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), -1)
     diffusion_BxL = 0.5 * (lam_max - lam_min) * jnp.exp(lam_BxL) * mse_BxL
     if per_token:
@@ -228,7 +236,8 @@ def make_bound(model, cfg, window_size, per_token=False):
 
     t_rec = jnp.full((B, L), t_min_noise)
     z_rec = sched.noise(e_BxLxD, t_rec, jax.random.normal(k_eps_rec, e_BxLxD.shape))
-    _, logits_rec, _ = two_stream_forward(model, params, batch, z_rec, t_rec, window_B, offset_B)
+    _, logits_rec, _ = two_stream_forward(model, params, batch, z_rec, t_rec, window_B, offset_B,
+                                          sched)
     recon_BxL = token_xent(logits_rec, tokens)
 
     a, s = sched.alpha_sigma(t_max_noise)

@@ -64,6 +64,7 @@ class ModelConfig:
   time_dim: int  # width of the time embedding c
   fourier_dim: int
   latent_norm: str
+  posterior_logits: bool  # latent logits + log N(z; a e(v), s^2): added by loss.py, decoding.py
   tie_embeddings: bool
   dtype: str  # compute dtype; parameters are always float32
   remat: str  # what a block keeps for the backward pass: see REMAT_POLICIES

@@ -1,7 +1,7 @@
 """Decoding from a trained run (method.md section 5; the loop: evo_jax/decoding.py).
 
-    python -m evo_jax.sample --workdir DIR --policy {ar,ar_clean,verify,diffusion,block,evo} --prompt TEXT
-        [--prompts_file FILE] [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]
+    python -m evo_jax.sample --workdir DIR --policy {ar,ar_clean,verify,diffusion,block,evo}
+        --prompt TEXT [--prompts_file FILE] [--max_new_tokens N] [--temperature T] [--top_p P] [--seed S]
         [--json] [--trajectory FILE.png] [--policy.SETTING=VALUE ...]
 
 Each prompt is encoded as [bos] + its tokens; all prompts are decoded together in one batch.

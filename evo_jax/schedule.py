@@ -61,6 +61,17 @@ class Schedule:
     return a[..., None] * e_BxLxD + s[..., None] * eps_BxLxD
 
 
+def posterior_logits(sched, z_BxTxD, t_BxT, e_VxD):
+  """log N(z; a(t) e(v), s(t)^2 I) for every token v, up to a term constant in v: what a
+  latent alone says about its token (model.posterior_logits adds it to the network's logits,
+  so that at W = 1 they are Bayes' rule on the prediction from the prefix). Zero at t = 1."""
+  a, s = sched.alpha_sigma(t_BxT)
+  precision = 1.0 / jnp.square(jnp.maximum(s, 1e-3))      # s = 0 only at t = 0 (clean)
+  ze = jnp.einsum("btd,vd->btv", z_BxTxD.astype(jnp.float32), e_VxD)
+  return ((a * precision)[..., None] * ze
+          - (0.5 * a * a * precision)[..., None] * jnp.sum(jnp.square(e_VxD), -1))
+
+
 def latent_noise(rng, positions_BxW, dim):
   """The pure noise (t = 1) of a latent at each position: a function of the key and the
   position only, so that the decoding loop, the AR-path scorer and the tests draw the same

@@ -143,3 +143,32 @@ def test_other_objectives_train(small_cfg, weighting, flow):
     state, aux = step_fn(state, chain.batch(rng, 16))
     assert np.isfinite(float(aux["grad_norm"]))
   assert float(objective(state.params)) < 0.9 * before
+
+
+def test_posterior_logits_are_bayes_on_the_latent(model_params):
+  """model.posterior_logits adds log N(z; a e(v), s^2) to the latent logits: nothing at t = 1
+  (the AR path is unchanged, exactly), and at t = 0.05 a latent made from token x points to x
+  whatever the (random) network says."""
+  import dataclasses
+  from conftest import small_config
+  from evo_jax import schedule as schedule_lib
+  model, params = model_params
+  with_posterior = model_lib.EvoTransformer(dataclasses.replace(model.cfg, posterior_logits=True))
+  sched = schedule_lib.from_config(small_config().schedule)
+  B, T = 2, 16
+  tokens = jax.random.randint(jax.random.key(3), (B, T), 0, model.cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  batch = {"tokens": tokens, "positions": pos, "segment_ids": jnp.ones((B, T), jnp.int32)}
+  e = loss_lib.latent_table(model, params)
+  window = jnp.full((B,), T, jnp.int32)
+  for t, check in ((1.0, "equal"), (0.05, "recovers")):
+    t_BxT = jnp.full((B, T), t)
+    z = sched.noise(e[tokens], t_BxT, jax.random.normal(jax.random.key(4), (B, T, e.shape[1])))
+    forward = lambda m: loss_lib.two_stream_forward(m, params, batch, z, t_BxT, window,
+                                                   0 * window, sched)[1]
+    plain, combined = forward(model), forward(with_posterior)
+    if check == "equal":
+      np.testing.assert_array_equal(np.asarray(plain), np.asarray(combined))
+    else:
+      assert np.mean(np.asarray(jnp.argmax(plain, -1) == tokens)) < 0.5
+      np.testing.assert_array_equal(np.asarray(jnp.argmax(combined, -1)), np.asarray(tokens))
