@@ -446,13 +446,13 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       pick = lambda x: jnp.take_along_axis(
           x.reshape((B, W, W) + x.shape[2:]), n_accept.reshape((B, 1, 1) + (1,) * (x.ndim - 2)),
           axis=1)[:, 0]
-      logits_w = pick(latent_logits(logits[:, W:], z[:, W:], t[:, W:]))
+      z_w, t_w = pick(z[:, W:]), pick(t[:, W:])
+      logits_w = latent_logits(pick(logits[:, W:]), z_w, t_w)
       q = sampling_probs(logits_w[:, 1:].astype(jnp.float32), temperature, top_p)
       out.update(draft_probs=q,
                  drafts=jax.random.categorical(k_draft, jnp.log(q)).astype(jnp.int32),
                  n_drafts=jnp.clip(limit_B - n_new, 0, W - 1))
       if policy.carry:   # ... and its latents, one flow step more mature, the next windows
-        z_w, t_w = pick(z[:, W:]), pick(t[:, W:])
         probs = jax.nn.softmax(logits_w, axis=-1)
         t_next = next_times(policy, t_w, confidence_of(probs, policy.confidence),
                             pick(t_hat[:, W:]))
