@@ -161,14 +161,11 @@ def test_posterior_logits_are_bayes_on_the_latent(model_params):
   batch = {"tokens": tokens, "positions": pos, "segment_ids": jnp.ones((B, T), jnp.int32)}
   e = loss_lib.latent_table(model, params)
   window = jnp.full((B,), T, jnp.int32)
-  for t, check in ((1.0, "equal"), (0.05, "recovers")):
-    t_BxT = jnp.full((B, T), t)
-    z = sched.noise(e[tokens], t_BxT, jax.random.normal(jax.random.key(4), (B, T, e.shape[1])))
-    forward = lambda m: loss_lib.two_stream_forward(m, params, batch, z, t_BxT, window,
-                                                   0 * window, sched)[1]
-    plain, combined = forward(model), forward(with_posterior)
-    if check == "equal":
-      np.testing.assert_array_equal(np.asarray(plain), np.asarray(combined))
-    else:
-      assert np.mean(np.asarray(jnp.argmax(plain, -1) == tokens)) < 0.5
-      np.testing.assert_array_equal(np.asarray(jnp.argmax(combined, -1)), np.asarray(tokens))
+  t_BxT = jnp.asarray([[1.0] * T, [0.05] * T])          # row 0 at t = 1, row 1 nearly clean
+  z = sched.noise(e[tokens], t_BxT, jax.random.normal(jax.random.key(4), (B, T, e.shape[1])))
+  forward = lambda m: np.asarray(loss_lib.two_stream_forward(m, params, batch, z, t_BxT, window,
+                                                             0 * window, sched)[1])
+  plain, combined = forward(model), forward(with_posterior)
+  np.testing.assert_array_equal(plain[0], combined[0])
+  assert np.mean(np.argmax(plain[1], -1) == np.asarray(tokens[1])) < 0.5
+  np.testing.assert_array_equal(np.argmax(combined[1], -1), np.asarray(tokens[1]))
