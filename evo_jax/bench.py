@@ -35,6 +35,7 @@ Prompts are token slices from the middle of held-out documents of the run's corp
 training rows, which also start mid-document). Timings exclude compilation; each batch is timed
 --repeats times and the fastest counts (a shared machine's noise only ever slows a run down).
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -280,37 +281,54 @@ def add_decode_args(p):
 
 
 def run_train(args, rest):
-  """Median step time and training throughput of a config on the real data pipeline."""
+  """Median step time and training throughput of a config on the real data pipeline; with
+  --against, also of the config with those fields changed, their steps interleaved (so that the
+  machine's noise falls on both alike), and the ratio of the medians."""
   cfg = cli.load_config_file(args.config)
   cli.apply_overrides(cfg, rest)
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = train.Trainer(cfg, workdir)
-    state = trainer.init_state(jax.random.key(cfg.seed))
-    batches = iter(trainer.dataset("train"))
-    state, aux = trainer.step(state, next(batches))          # compiles
-    jax.block_until_ready(aux)
-    seconds, tokens = [], []
+  variants = [("config", cfg)]
+  if args.against:
+    other = ml_collections.ConfigDict(cfg.to_dict())
+    cli.apply_overrides(other, [f"--config.{item}" for item in args.against.split(",")])
+    variants.append((args.against, other))
+  with contextlib.ExitStack() as stack:
+    runs = []
+    for name, c in variants:
+      trainer = train.Trainer(c, stack.enter_context(tempfile.TemporaryDirectory()))
+      state = trainer.init_state(jax.random.key(c.seed))
+      batches = iter(trainer.dataset("train"))
+      state, aux = trainer.step(state, next(batches))          # compiles
+      jax.block_until_ready(aux)
+      runs.append(dict(name=name, cfg=c, trainer=trainer, state=state, batches=batches,
+                       seconds=[], tokens=[]))
     progress = Progress("timing", args.steps, "steps")
     for _ in range(args.steps):
-      batch = next(batches)
-      start = time.perf_counter()
-      state, aux = trainer.step(state, batch)
-      jax.block_until_ready(aux)
-      seconds.append(time.perf_counter() - start)
-      tokens.append(int(np.sum(batch["segment_ids"] > 0)))
+      for r in runs:
+        batch = next(r["batches"])
+        start = time.perf_counter()
+        r["state"], aux = r["trainer"].step(r["state"], batch)
+        jax.block_until_ready(aux)
+        r["seconds"].append(time.perf_counter() - start)
+        r["tokens"].append(int(np.sum(batch["segment_ids"] > 0)))
       progress.advance()
     progress.done()
-  step_s = float(np.median(seconds))
   print(f"machine: {backend.machine()}")
   print(f"config: {args.config} {' '.join(rest)}")
-  print(f"median step: {step_s * 1000:.1f} ms over {args.steps} steps | "
-        f"{np.median(tokens) / step_s:,.0f} tokens/s | batch {cfg.data.batch_size} x "
-        f"{cfg.data.seq_len}")
+  for r in runs:
+    step_s = float(np.median(r["seconds"]))
+    r["median"] = step_s
+    print(f"{r['name']}: median step {step_s * 1000:.1f} ms over {args.steps} steps | "
+          f"{np.median(r['tokens']) / step_s:,.0f} tokens/s | batch {r['cfg'].data.batch_size} "
+          f"x {r['cfg'].data.seq_len}")
+  if len(runs) == 2:
+    print(f"ratio ({runs[1]['name']} / config): {runs[1]['median'] / runs[0]['median']:.3f}")
 
 
 def add_train_args(p):
   p.add_argument("--config", required=True, help="config file, e.g. configs/tiny.py")
   p.add_argument("--steps", type=int, default=20, help="timed steps after one compile step")
+  p.add_argument("--against", help="FIELD=VALUE[,FIELD=VALUE]: also time the config with these "
+                                   "fields changed, interleaved, and print the ratio")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +371,8 @@ def run_bound(args, rest):
 def bound_profile(run, batches, bins):
   """Where the bound goes, for each W of bound.windows on the run's own log-SNR range: the
   diffusion integrand and the latent cross-entropy averaged per log-SNR bin, and the latent
-  cross-entropy per t bin. Rows (window, bin_by, lo, hi, draws, integrand, latent_ce). The
+  cross-entropy per t bin, beside that of the posterior from the latent alone (what the table
+  allows). Rows (window, bin_by, lo, hi, draws, integrand, latent_ce, latent_only_ce). The
   draws are those of the table's row for the run's own range (the same keys)."""
   cfg = run.cfg
   lam_min, lam_max = float(cfg.bound.log_snr_min), float(cfg.bound.log_snr_max)
@@ -364,14 +383,15 @@ def bound_profile(run, batches, bins):
     draws = [jax.device_get(fn(run.params, b, key(i))) for i, b in enumerate(batches)]
     get = lambda k: np.concatenate([d[k][d["mask"]] for d in draws])
     lam, t, integrand, ce = get("log_snr"), get("t"), get("integrand"), get("latent_ce")
+    alone = get("latent_only_ce")
     for bin_by, x, edges in (("log_snr", lam, np.linspace(lam_min, lam_max, bins + 1)),
                              ("t", t, np.linspace(0.0, 1.0, bins + 1))):
       which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, bins - 1)
       for i in range(bins):
         sel = which == i
+        mean = lambda x: float(x[sel].mean()) if sel.any() else float("nan")
         rows.append((measure.window_name(w), bin_by, edges[i], edges[i + 1], int(sel.sum()),
-                     float(integrand[sel].mean()) if sel.any() else float("nan"),
-                     float(ce[sel].mean()) if sel.any() else float("nan")))
+                     mean(integrand), mean(ce), mean(alone)))
   return rows
 
 
@@ -380,7 +400,7 @@ def write_bound_profile(run, batches, prefix, bins):
   cross-entropy by t, one line per W)."""
   rows = bound_profile(run, batches, bins)
   with open(f"{prefix}.csv", "w") as f:
-    f.write("window,bin_by,lo,hi,draws,integrand_nats,latent_ce_nats\n")
+    f.write("window,bin_by,lo,hi,draws,integrand_nats,latent_ce_nats,latent_only_ce_nats\n")
     for r in rows:
       f.write(",".join(str(v) if isinstance(v, (str, int)) else f"{v:.6g}" for v in r) + "\n")
   plt = plotting()
@@ -389,6 +409,9 @@ def write_bound_profile(run, batches, prefix, bins):
     for ax, bin_by, col in ((left, "log_snr", 5), (right, "t", 6)):
       sel = [r for r in rows if r[0] == w and r[1] == bin_by]
       ax.plot([(r[2] + r[3]) / 2 for r in sel], [r[col] for r in sel], "o-", label=f"W={w}")
+  alone = [r for r in rows if r[0] == rows[0][0] and r[1] == "t"]
+  right.plot([(r[2] + r[3]) / 2 for r in alone], [r[7] for r in alone], "k--",
+             label="the latent alone (uniform prior)")
   left.set_yscale("log")
   left.set(xlabel="log-SNR lambda", ylabel="1/2 exp(lambda) ||e - e_hat||^2 (nats)",
            title="the diffusion term's integrand")

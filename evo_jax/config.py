@@ -9,6 +9,8 @@ import ml_collections
 RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every",
                     "train.keep_checkpoints", "train.eval_batches", "train.samples",
                     "train.sample_tokens", "train.sample_prompt", "train.record_batches",
+                    # What to do about a fault (a diverged run is resumed with another setting).
+                    "train.on_nonfinite", "train.nonfinite_skip_limit",
                     # The state restores onto any mesh (the data position: same process count).
                     "mesh.data", "mesh.fsdp", "mesh.tensor")
 
@@ -29,8 +31,14 @@ def default_config() -> ml_collections.ConfigDict:
       time_rank=64, time_dim=64, fourier_dim=64,
       latent_norm="global",     # global | per_token
       # Add each latent's Gaussian log-likelihood under every token, log N(z; a(t) e(v), s(t)^2),
-      # to its logits (method.md section 8; zero at t = 1, so the AR path is unchanged).
-      posterior_logits=False,
+      # to its logits (method.md section 8; zero at t = 1, so the AR path is unchanged). On by
+      # measurement: the reference run's bounds 2.3x/3.1x -> 1.02x/1.70x the AR path, and both
+      # perplexities lower (docs/training.md, "The reference run and its levers").
+      posterior_logits=True,
+      # none | e_hat: each latent also reads the model's previous estimate of its clean latent
+      # (training: on loss.self_cond_prob of the rows, from a first pass without gradient;
+      # decoding: the last pass's). Zero-initialised: an imported model is unchanged.
+      self_conditioning="none",
       tie_embeddings=True,
       dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
       remat="none",             # none | full | dots: activation memory vs recomputation
@@ -57,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
       time_weight=0.1,
       clean_ar_weight=1.0,
       flow_weight=0.0,
+      self_cond_prob=0.5,    # rows trained with their self-conditioning input (self_conditioning)
   ))
   c.bound = ml_collections.ConfigDict(dict(
       log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: docs/training.md
@@ -92,6 +101,10 @@ def default_config() -> ml_collections.ConfigDict:
       eval_batches=8, samples=3, sample_tokens=48, sample_prompt="def ",
       grad_accum_steps=1,    # micro-batches per step (gradients summed; same update)
       record_batches=False,  # each process logs hashes of the rows it read (batches/*.jsonl)
+      # A step whose loss or gradient norm is NaN/Inf: `stop` the run (one line naming the step
+      # and the last finite checkpoint; the non-finite state is never saved), or `skip` its
+      # update (the state stays as it was), at most nonfinite_skip_limit times in one run.
+      on_nonfinite="stop", nonfinite_skip_limit=20,
   ))
   return c
 
@@ -108,10 +121,21 @@ def flatten(cfg, prefix=""):
   return out
 
 
+# Fields whose default changed after they were added: a saved config that predates the field
+# ran with this value, not with today's default.
+EARLIER_DEFAULTS = {"model.posterior_logits": False}
+
+
+def saved_defaults():
+  """What a field absent from a saved config stood for when that config was saved."""
+  return {**flatten(default_config().to_dict()), **EARLIER_DEFAULTS}
+
+
 def mismatch(saved: dict, current: ml_collections.ConfigDict):
   """The first field (not in RESUMABLE_FIELDS) whose value differs, as (name, saved, current),
-  or None. A field the saved config lacks (added to the code since) counts as its default."""
-  defaults = flatten(default_config().to_dict())
+  or None. A field the saved config lacks (added to the code since) counts as its default then
+  (saved_defaults)."""
+  defaults = saved_defaults()
   a, b = flatten(saved), flatten(current.to_dict())
   for name in sorted(set(a) | set(b)):
     if name in RESUMABLE_FIELDS:
@@ -124,8 +148,13 @@ def mismatch(saved: dict, current: ml_collections.ConfigDict):
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A run's saved config (config.json) as a full ConfigDict: fields added to the code since
-  the run was saved take their defaults."""
+  the run was saved take the default they had then (saved_defaults)."""
   cfg = default_config()
+  present = flatten(saved)
+  for name, value in EARLIER_DEFAULTS.items():
+    if name not in present:
+      section, field = name.rsplit(".", 1)
+      cfg[section][field] = value
   merge(cfg, saved)
   return cfg
 

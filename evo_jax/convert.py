@@ -291,6 +291,8 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
   ckpts.save(0, state, None, cfg.to_dict())
   ckpts.close()
   checkpoint.write_config(out, cfg.to_dict())
+  data.check_tokenizer(data.HFTokenizer(os.path.join(out, data.HF_TOKENIZER_FILE)), out,
+                       record=True)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   log(f"{out}: {hf['model_type']} checkpoint {hf_dir} imported at step 0 ({n_params:,} "
       f"parameters, {len(table)} tensors from the checkpoint)")

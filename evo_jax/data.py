@@ -377,6 +377,37 @@ def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_si
                          max_training_chars)
 
 
+TOKENIZER_FINGERPRINT = "tokenizer.sha256"   # in the workdir: the run's tokenizer, by content
+
+
+def file_sha256(path):
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def check_tokenizer(tokenizer, workdir, record=False):
+  """Refuses a tokenizer whose file is not the one the workdir's run was trained with (a
+  swapped file of the same size would otherwise tokenise silently wrong); with `record`, a
+  run's first trainer writes the fingerprint (WORKDIR/tokenizer.sha256, sha256sum's format)."""
+  path = os.path.join(workdir, TOKENIZER_FINGERPRINT)
+  digest = file_sha256(tokenizer.path)
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = f.read().split()
+    if saved and saved[0] != digest:
+      raise DataError(f"tokenizer {tokenizer.path} is not the one the run in {workdir} was "
+                      f"trained with (sha256 {digest[:12]}..., recorded {saved[0][:12]}... in "
+                      f"{path})")
+  elif record:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(f"{digest}  {tokenizer.path}\n")
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3 + 4. Packing and the grain pipeline
 # ---------------------------------------------------------------------------------------------

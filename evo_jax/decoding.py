@@ -14,7 +14,8 @@ A row (one prompt being continued) is, at every iteration of the loop:
   its last sampled token once), and are written to the cache by it;
 - the window holds W latents with their times t_i and ages (iterations spent in the window).
 
-One iteration is one forward pass of [pending | window] (2W inputs) against the cache:
+One iteration is one forward pass of [pending | window] (2W inputs) against the cache (with
+model.self_conditioning, each latent also reads its e_hat of the previous pass; zeros when new):
   1. logits -> probabilities p_i, confidence c_i, predicted clean latent e_hat_i; time head t_hat_i;
   2. step sizes: t'_i = max(0, t_i - Delta_i); Delta_i = 1/K for the fixed policies; for `evo`
      Delta_i grows with c_i (and, as an option, with what the time head says: t_i - t_hat_i),
@@ -62,6 +63,7 @@ from evo_jax.errors import UserError
 from evo_jax.model import EvoTransformer
 
 CONFIDENCES = ("max", "entropy")
+UPDATES = ("flow", "ancestral")
 READOUTS = ("latent", "clean")
 STOP_REASONS = {0: "running", 1: "eos", 2: "length"}
 T_EPS = 1e-4        # t' <= tau_c + T_EPS commits: K steps of 1/K must reach t = 0 despite rounding
@@ -91,6 +93,9 @@ class Policy:
   use_time_head: bool = False  # evo: Delta_i >= t_i - t_hat_i (a latent the model finds mature)
   renoise_below: float = 0.0  # evo: confidence below this sends an uncommitted t back up
   noise: float = 0.0          # share of fresh noise in the flow update (0: deterministic)
+  update: str = "flow"        # flow: z <- a(t') e_hat + s(t') eps_hat, e_hat the mean latent;
+                              # ancestral: pick a token x (as a commit would), then draw z from
+                              # the path's bridge q(z_t' | z_t, x), with fresh noise
   carry: bool = False         # verify: the drafting latents carry over between passes, one
                               # flow step (Delta) more mature; off: one-step drafts from t = 1
   accept_ratio: float = 1.0   # verify, greedy: a draft also passes when the clean stream gives
@@ -116,6 +121,9 @@ class Policy:
     if not 0 < self.accept_ratio <= 1:
       raise DecodingError(f"policy {self.name}: accept_ratio must be in (0, 1], got "
                           f"{self.accept_ratio}")
+    if self.update not in UPDATES:
+      raise DecodingError(f"policy {self.name}: update must be one of {UPDATES}, "
+                          f"got {self.update!r}")
     if self.readout not in READOUTS:
       raise DecodingError(f"policy {self.name}: readout must be one of {READOUTS}, "
                           f"got {self.readout!r}")
@@ -137,11 +145,12 @@ class Policy:
       lenient = f", accept_ratio={self.accept_ratio:g}" if self.accept_ratio < 1 else ""
       return "clean stream" + (f", {W - 1} drafts" + (carry if self.carry else "") + lenient
                                if W > 1 else "")
+    ancestral = " ancestral" if self.update == "ancestral" else ""
     if self.adaptive:
       return (f"W={W} D=[{self.delta_min:g},{self.delta_max:g}]*c^{self.sharpness:g} "
               f"gamma={self.gamma:g} tau={self.tau_c:g} Nmax={self.resolved_n_max()}"
-              + (" +t_hat" if self.use_time_head else ""))
-    return f"W={W} K={self.steps}"
+              + (" +t_hat" if self.use_time_head else "") + ancestral)
+    return f"W={W} K={self.steps}" + ancestral
 
 
 # The defaults were picked by measurement on the 2,000-step tiny run (docs/decoding.md, "The
@@ -327,6 +336,33 @@ def flow_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_hat_BxWxD, noise, rng):
   return a_new[..., None] * e_hat_BxWxD + s_new[..., None] * eps_hat
 
 
+def bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_BxWxD, rng):
+  """A draw of z_t' from q(z_t' | z_t, x) for t' < t, the path's posterior given the clean
+  latent e = e(x) (VDM, Kingma et al. 2021, eq. 33 with a_t|t' = a_t / a_t'): mean
+  (a_t|t' s_t'^2 z_t + a_t' s_t|t'^2 e) / s_t^2, variance s_t|t'^2 s_t'^2 / s_t^2, where
+  s_t|t'^2 = s_t^2 - a_t|t'^2 s_t'^2. At t' = 0 it is e itself."""
+  a, s = sched.alpha_sigma(t_BxW)
+  a_new, s_new = sched.alpha_sigma(t_new_BxW)
+  a_ts = a / jnp.maximum(a_new, 1e-6)
+  var_ts = jnp.maximum(jnp.square(s) - jnp.square(a_ts * s_new), 0.0)
+  s2 = jnp.maximum(jnp.square(s), 1e-12)
+  mean = ((a_ts * jnp.square(s_new) / s2)[..., None] * z_BxWxD
+          + (a_new * var_ts / s2)[..., None] * e_BxWxD)
+  std = jnp.sqrt(var_ts * jnp.square(s_new) / s2)
+  return mean + std[..., None] * jax.random.normal(rng, z_BxWxD.shape)
+
+
+def latent_update(policy, sched, z_BxWxD, t_BxW, t_new_BxW, logits_BxWxV, e_VxD, rng,
+                  temperature, top_p):
+  """One step of the window's latents from t to t' (policy.update)."""
+  if policy.update == "ancestral":
+    k_pick, k_noise = jax.random.split(rng)
+    x = choose_tokens(k_pick, logits_BxWxV, temperature, top_p)
+    return bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_VxD[x], k_noise)
+  e_hat = jax.nn.softmax(logits_BxWxV, axis=-1) @ e_VxD
+  return flow_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_hat, policy.noise, rng)
+
+
 def scatter_rows(buf_BxS, start_B, values_BxW, count_B):
   """buf[b, start[b] + j] = values[b, j] for j < count[b] (other writes dropped)."""
   B, W = values_BxW.shape[:2]
@@ -376,6 +412,9 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
       nfe=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32),
       committed_at=jnp.full((B, G), -1, jnp.int32),
       trajectory=jnp.zeros((max_iters if record else 0, B, G)))
+  self_cond = cfg.self_conditioning != "none" and policy.readout == "latent"
+  if self_cond:   # each latent's e_hat of the last pass (zeros: none yet)
+    state["e_hat"] = jnp.zeros((B, W, D))
   if policy.readout == "clean":
     # The last committed token is pending (fed, not cached): the first pass feeds the prompt's
     # last token, whose keys/values it rewrites. No drafts yet.
@@ -456,7 +495,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
         probs = jax.nn.softmax(logits_w, axis=-1)
         t_next = next_times(policy, t_w, confidence_of(probs, policy.confidence),
                             pick(t_hat[:, W:]))
-        z_next = flow_update(sched, z_w, t_w, t_next, probs @ e_VxD, policy.noise, k_noise)
+        z_next = latent_update(policy, sched, z_w, t_w, t_next, logits_w, e_VxD, k_noise,
+                               temperature, top_p)
         out.update(z=z_next[:, 1:], t=t_next[:, 1:])
     if record:   # t of every generated position: 0 committed, the next drafts' t, 1 beyond
       g_G = jnp.arange(G)[None]
@@ -481,7 +521,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
         two(jnp.zeros((B, W)), st["t"]),
         two(st["n_cached"][:, None] + j_W, win_pos),
         step_mask(pend_valid, valid), st["cache_k"], st["cache_v"],
-        jnp.broadcast_to(cache_mask, (B, 2 * W, S)))
+        jnp.broadcast_to(cache_mask, (B, 2 * W, S)),
+        self_cond_BxTxD=two(jnp.zeros((B, W, D)), st["e_hat"]) if self_cond else None)
     logits, t_hat = latent_logits(logits[:, W:], st["z"], st["t"]), t_hat[:, W:]
 
     # The pending tokens' keys/values join the cache.
@@ -494,9 +535,9 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     k_tok, k_noise = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, 1), st["i"]))
     probs = jax.nn.softmax(logits, axis=-1)
     conf = confidence_of(probs, policy.confidence)
-    e_hat = probs @ e_VxD
     t_new = next_times(policy, st["t"], conf, t_hat)
-    z = flow_update(sched, st["z"], st["t"], t_new, e_hat, policy.noise, k_noise)
+    z = latent_update(policy, sched, st["z"], st["t"], t_new, logits, e_VxD, k_noise,
+                      temperature, top_p)
     age = st["age"] + 1
 
     # 4: commit the leftmost run; the leftmost latent is forced after n_max iterations.
@@ -523,6 +564,9 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     z = jnp.where(entering[..., None], fresh, slide(z))
     t = jnp.where(entering, 1.0, slide(t_new))
     age = jnp.where(entering, 0, slide(age))
+    extra = {}
+    if self_cond:
+      extra["e_hat"] = jnp.where(entering[..., None], 0.0, slide(probs @ e_VxD))
 
     trajectory = st["trajectory"]
     if record:   # t of every generated position: 0 committed, t in the window, 1 not entered
@@ -534,7 +578,8 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
     return dict(i=st["i"] + 1, cache_k=cache_k, cache_v=cache_v, n_cached=n_cached,
                 pending=tok, n_pending=n_new, z=z, t=t, age=age, tokens=tokens,
                 done=st["done"] | (stop > 0), stop=stop, nfe=st["nfe"] + ~st["done"],
-                committed_at=committed_at, trajectory=trajectory, accepted=st["accepted"])
+                committed_at=committed_at, trajectory=trajectory, accepted=st["accepted"],
+                **extra)
 
   cond = lambda st: (st["i"] < max_iters) & ~jnp.all(st["done"])
   st = jax.lax.while_loop(cond, verify_body if policy.readout == "clean" else body, state)

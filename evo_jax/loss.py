@@ -25,13 +25,15 @@ T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8)   # lower edges; t == 1 falls in the last 
 WEIGHTINGS = ("ce", "elbo")
 
 
-def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None):
+def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None,
+                       self_cond_BxLxD=None):
   """One attention call over [clean stream | latent stream] (length 2L).
 
   Returns clean-stream logits [B, L, V], latent-stream logits [B, L, V], latent t_hat [B, L].
   With model.posterior_logits, the latent logits include each latent's own log-likelihood
   under every token (schedule.posterior_logits; it is zero at t = 1, where the AR path passes
-  no schedule).
+  no schedule). self_cond_BxLxD: the latents' self-conditioning input (model.self_conditioning;
+  None: zeros).
   """
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
   B, L = tokens.shape
@@ -44,12 +46,29 @@ def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B,
       both(jnp.zeros((B, L), bool), jnp.ones((B, L), bool)),
       both(jnp.zeros_like(t_BxL), t_BxL),
       both(pos, pos),
-      mask)
+      mask,
+      None if self_cond_BxLxD is None else both(jnp.zeros_like(z_BxLxD), self_cond_BxLxD))
   logits_z = logits[:, L:]
   if model.cfg.posterior_logits and sched is not None:
     logits_z = logits_z + schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL,
                                                         latent_table(model, params))
   return logits[:, :L], logits_z, t_hat[:, L:]
+
+
+def self_conditioned_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched,
+                             use_B=None):
+  """two_stream_forward as model.self_conditioning wants it: a first pass gives e_hat (no
+  gradient flows back through it), and the second pass reads it as the latents'
+  self-conditioning input, on the rows of use_B (all rows when None) and zeros elsewhere.
+  Without the option: the one pass."""
+  args = (model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched)
+  if model.cfg.self_conditioning == "none":
+    return two_stream_forward(*args)
+  _, first, _ = two_stream_forward(*args)
+  e_hat = jax.lax.stop_gradient(predicted_latent(first, latent_table(model, params)))
+  if use_B is not None:
+    e_hat = jnp.where(use_B[:, None, None], e_hat, 0.0)
+  return two_stream_forward(*args, self_cond_BxLxD=e_hat)
 
 
 def latent_table(model, params):
@@ -97,11 +116,14 @@ def sample_draws(rng, cfg, batch, step):
   k_prog, k_eps = jax.random.split(rng)
   t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
   eps_BxLxD = jax.random.normal(k_eps, (B, L, cfg.model.d_model))
+  # Its own key (folded in, so the other draws are those of a run without the option).
+  self_cond_B = jax.random.bernoulli(jax.random.fold_in(rng, 7), cfg.loss.self_cond_prob, (B,))
   # Sharded like the tokens, so no device holds (or draws) another's rows.
   return {"t": constrain(t_BxL, ("batch", "length")),
           "window": constrain(window_B, ("batch",)),
           "offset": constrain(offset_B, ("batch",)),
-          "eps": constrain(eps_BxLxD, ("batch", "length", "embed"))}
+          "eps": constrain(eps_BxLxD, ("batch", "length", "embed")),
+          "self_cond": constrain(self_cond_B, ("batch",))}
 
 
 def token_counts(batch):
@@ -123,14 +145,22 @@ def make_train_loss(model, cfg):
   return loss_fn
 
 
+def check_config(cfg):
+  """One-line errors for the objective's settings (loss, progression, schedule)."""
+  schedule_lib.from_config(cfg.schedule)
+  if cfg.loss.weighting not in WEIGHTINGS:
+    raise ConfigError(f"loss.weighting must be one of {WEIGHTINGS}, got {cfg.loss.weighting!r}")
+  progression.check_config(cfg.progression)
+  if not 0 <= cfg.loss.self_cond_prob <= 1:
+    raise ConfigError(f"loss.self_cond_prob must be in [0, 1], got {cfg.loss.self_cond_prob}")
+
+
 def make_loss_on_draws(model, cfg):
   """loss(params, batch, draws, counts) -> (scalar loss, aux): the surrogate for given random
   draws (`sample_draws`), normalised by the given token counts (`token_counts`)."""
+  check_config(cfg)
   sched = schedule_lib.from_config(cfg.schedule)
   lcfg = cfg.loss
-  if lcfg.weighting not in WEIGHTINGS:
-    raise ConfigError(f"loss.weighting must be one of {WEIGHTINGS}, got {lcfg.weighting!r}")
-  progression.check_config(cfg.progression)
   # The `elbo` weight explodes at the ends; t is kept inside the bound's log-SNR range.
   t_lo = float(sched.t_from_log_snr(cfg.bound.log_snr_max))
   t_hi = float(sched.t_from_log_snr(cfg.bound.log_snr_min))
@@ -141,8 +171,8 @@ def make_loss_on_draws(model, cfg):
     e_VxD = latent_table(model, params)
     e_BxLxD = e_VxD[tokens]
     z_BxLxD = sched.noise(e_BxLxD, t_BxL, draws["eps"])
-    logits_c, logits_z, t_hat = two_stream_forward(
-        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched)
+    logits_c, logits_z, t_hat = self_conditioned_forward(
+        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched, draws["self_cond"])
 
     mask = loss_mask(batch)
     n_tok = counts["latent"]
@@ -198,7 +228,9 @@ def make_bound(model, cfg, window_size, per_token=False):
   """bound(params, batch, rng) -> dict of per-token sums (nats) and the token count; with
   per_token, the diffusion term's draws instead, for a profile of where the bound goes:
   log_snr, t, integrand (1/2 exp(lambda) ||e - e_hat||^2, whose mean over lambda times
-  lambda_max - lambda_min is the term), latent_ce (of the token at that draw) and mask, [B, L].
+  lambda_max - lambda_min is the term), latent_ce (of the token at that draw), latent_only_ce
+  (the same for the posterior from the latent alone, uniform prior: what the table allows) and
+  mask, [B, L].
 
   The `shared`-pattern bound with window W (offset 0): every token of a window shares one
   log-SNR lambda ~ U[lambda_min, lambda_max], stratified across the batch. Estimated in
@@ -226,18 +258,21 @@ def make_bound(model, cfg, window_size, per_token=False):
     e_VxD = latent_table(model, params)
     e_BxLxD = e_VxD[tokens]
     z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(k_eps, e_BxLxD.shape))
-    _, logits_z, _ = two_stream_forward(model, params, batch, z, t_BxL, window_B, offset_B,
-                                        sched)
+    _, logits_z, _ = self_conditioned_forward(model, params, batch, z, t_BxL, window_B,
+                                              offset_B, sched)
     mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), -1)
     diffusion_BxL = 0.5 * (lam_max - lam_min) * jnp.exp(lam_BxL) * mse_BxL
     if per_token:
+      latent_only = schedule_lib.posterior_logits(sched, z, t_BxL, e_VxD)
       return {"log_snr": lam_BxL, "t": t_BxL, "integrand": 0.5 * jnp.exp(lam_BxL) * mse_BxL,
-              "latent_ce": token_xent(logits_z, tokens), "mask": batch["segment_ids"] > 0}
+              "latent_ce": token_xent(logits_z, tokens),
+              "latent_only_ce": token_xent(latent_only, tokens),
+              "mask": batch["segment_ids"] > 0}
 
     t_rec = jnp.full((B, L), t_min_noise)
     z_rec = sched.noise(e_BxLxD, t_rec, jax.random.normal(k_eps_rec, e_BxLxD.shape))
-    _, logits_rec, _ = two_stream_forward(model, params, batch, z_rec, t_rec, window_B, offset_B,
-                                          sched)
+    _, logits_rec, _ = self_conditioned_forward(model, params, batch, z_rec, t_rec, window_B,
+                                                offset_B, sched)
     recon_BxL = token_xent(logits_rec, tokens)
 
     a, s = sched.alpha_sigma(t_max_noise)

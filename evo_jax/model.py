@@ -29,6 +29,7 @@ TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
 ATTENTIONS = ("dense", "chunked")
 ROPE_SCALINGS = ("none", "linear", "llama3")
+SELF_CONDITIONINGS = ("none", "e_hat")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rematerialisation: `none` keeps every activation; `full` keeps only each block's input and
 # recomputes the rest in the backward pass; `dots` keeps the matmul outputs (no batch dims).
@@ -65,6 +66,7 @@ class ModelConfig:
   fourier_dim: int
   latent_norm: str
   posterior_logits: bool  # latent logits + log N(z; a e(v), s^2): added by loss.py, decoding.py
+  self_conditioning: str  # none | e_hat: a latent also reads the model's previous estimate
   tie_embeddings: bool
   dtype: str  # compute dtype; parameters are always float32
   remat: str  # what a block keeps for the backward pass: see REMAT_POLICIES
@@ -84,6 +86,9 @@ class ModelConfig:
     if self.rope_scaling not in ROPE_SCALINGS:
       raise ConfigError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, "
                         f"got {self.rope_scaling!r}")
+    if self.self_conditioning not in SELF_CONDITIONINGS:
+      raise ConfigError(f"model.self_conditioning must be one of {SELF_CONDITIONINGS}, "
+                        f"got {self.self_conditioning!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
     if self.n_heads % self.n_kv_heads:
@@ -338,6 +343,10 @@ class EvoTransformer(nn.Module):
                            kernel_init=_init(nn.initializers.lecun_normal(), "embed", "vocab"))
     self.time_head = nn.Dense(1, kernel_init=_init(zeros, "embed", None),
                               bias_init=_init(zeros, None))
+    if cfg.self_conditioning != "none":
+      # Zero-initialised: a model with it reads its latents as one without it, until trained.
+      self.self_cond_in = nn.Dense(cfg.d_model, use_bias=False,
+                                   kernel_init=_init(zeros, None, "embed"))
 
   def read_scale(self):
     """rms(E): latents live at unit scale and are read back at the embedding's scale."""
@@ -350,21 +359,24 @@ class EvoTransformer(nn.Module):
       return E / self.read_scale()
     return math.sqrt(self.cfg.d_model) * E / jnp.linalg.norm(E, axis=-1, keepdims=True)
 
-  def __call__(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT):
+  def __call__(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT,
+               self_cond_BxTxD=None):
     """Logits [B, T, V] (float32) and t_hat [B, T] for a mixed clean/latent sequence.
 
-    Clean positions read E[token]; latent positions read rms(E) * z. latents_BxTxD may be
-    None when no position is latent. mask_BxTxT: a boolean [B, T, T] array, or an
-    attention.MaskSpec from which the mask follows (model.attention "chunked" then never
-    builds it whole).
+    Clean positions read E[token]; latent positions read rms(E) * z, plus (with
+    model.self_conditioning) a learned map of rms(E) * self_cond, the model's previous estimate
+    e_hat of the clean latent (None: zeros, no estimate yet). latents_BxTxD may be None when no
+    position is latent. mask_BxTxT: a boolean [B, T, T] array, or an attention.MaskSpec from
+    which the mask follows (model.attention "chunked" then never builds it whole).
     """
     logits, t_hat, _ = self.forward_with_cache(
-        tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT)
+        tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT,
+        self_cond_BxTxD=self_cond_BxTxD)
     return logits, t_hat
 
   def forward_with_cache(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT,
                          mask_BxTxT, cache_k_NxBxSxKxH=None, cache_v_NxBxSxKxH=None,
-                         cache_mask_BxTxS=None):
+                         cache_mask_BxTxS=None, self_cond_BxTxD=None):
     """__call__ for decoding: the T inputs may also attend to S cached positions.
 
     The cache holds, for each of the N = n_layers layers, the keys and values (RoPE applied)
@@ -378,6 +390,10 @@ class EvoTransformer(nn.Module):
     x = jnp.take(self.embedding, tokens_BxT, axis=0)
     if latents_BxTxD is not None:
       z = self.read_scale() * latents_BxTxD.astype(jnp.float32)
+      if cfg.self_conditioning != "none":
+        sc = (jnp.zeros_like(z) if self_cond_BxTxD is None
+              else self.read_scale() * self_cond_BxTxD.astype(jnp.float32))
+        z = z + self.self_cond_in(sc)
       x = jnp.where(is_latent_BxT[..., None], z, x)
     x = x.astype(cfg.compute_dtype)
     c_BxTxC = self.time_embed(t_BxT)

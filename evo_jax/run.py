@@ -13,6 +13,7 @@ from evo_jax import checkpoint
 from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import decoding
+from evo_jax import guards
 from evo_jax import metrics
 from evo_jax import schedule
 from evo_jax import sharding
@@ -66,13 +67,21 @@ def load_run(workdir, mesh=None) -> Run:
   layout = state_lib.state_layout(cfg, mesh)
   try:
     state = ckpts.restore(step, layout.abstract)
+  except checkpoint.DamagedCheckpointError:
+    raise
   except (ValueError, KeyError) as e:
     raise CheckpointError(f"checkpoint {ckpts.directory}/{step} does not match the model of "
                           f"{workdir}/{checkpoint.CONFIG_FILE}: {str(e).splitlines()[0]}") from None
-  ckpts.close()
+  finally:
+    ckpts.close()
+  bad = guards.nonfinite_leaves(state.params)
+  if bad:
+    raise CheckpointError(f"checkpoint {ckpts.directory}/{step} has non-finite parameters "
+                          f"({len(bad)} arrays hold NaN or Inf, the first: {bad[0]})")
   d = cfg.data
   tokenizer = data.load_or_train_tokenizer(d.tokenizer, workdir, d.corpus, cfg.model.vocab_size,
                                            d.heldout_fraction, d.text_field)
+  data.check_tokenizer(tokenizer, workdir)
   return Run(workdir, cfg, layout.model, state.params, tokenizer, int(step))
 
 

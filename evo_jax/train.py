@@ -22,9 +22,11 @@ from evo_jax import cli
 from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import distributed
+from evo_jax import guards
 from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
 from evo_jax import metrics as metrics_lib
+from evo_jax import model as model_lib
 from evo_jax import run as run_lib
 from evo_jax import sharding
 from evo_jax import state as state_lib
@@ -66,6 +68,10 @@ def make_train_step(model, tx, cfg):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.tree.norm(grads)
+    aux["finite"] = jnp.isfinite(aux["loss"]) & jnp.isfinite(aux["grad_norm"])
+    if cfg.train.on_nonfinite == "skip":   # a non-finite step leaves the state as it was
+      params, opt_state = guards.keep_if_finite(
+          aux["finite"], (params, opt_state), (state.params, state.opt_state))
     return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
 
   return train_step
@@ -124,6 +130,9 @@ class Trainer:
 
   def __init__(self, cfg, workdir, devices=None):
     check_workdir_config(cfg, workdir)
+    guards.check_settings(cfg.train)
+    model_lib.from_config(cfg.model)         # one-line errors for bad settings, before any work
+    loss_lib.check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh, devices)
@@ -131,6 +140,7 @@ class Trainer:
     self.tokenizer = data.load_or_train_tokenizer(
         cfg.data.tokenizer, workdir, cfg.data.corpus, cfg.model.vocab_size,
         cfg.data.heldout_fraction, cfg.data.text_field)
+    data.check_tokenizer(self.tokenizer, workdir)
     # More embedding rows than pieces is fine: HF checkpoints pad their vocabularies.
     if self.tokenizer.vocab_size > cfg.model.vocab_size:
       raise ConfigError(f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} "
@@ -151,11 +161,6 @@ class Trainer:
         jax.jit(measure_lib.make_measure(self.model, cfg),
                 in_shardings=(self.state_sharding.params, batch_sh, repl),
                 out_shardings=repl), self.mesh, rules)
-    # Recorded only now that every setting has been validated, so that a mistyped first
-    # attempt does not leave a config behind that refuses the corrected command. Process 0
-    # alone writes it: processes writing the shared workdir's file at once can collide.
-    if jax.process_index() == 0:
-      checkpoint.write_config(workdir, cfg.to_dict())
 
   def dataset(self, split):
     d = self.cfg.data
@@ -185,66 +190,105 @@ class Trainer:
         jax.random.fold_in(self.measure_rng(step), 1), self.cfg.bound.windows)
 
   def run(self, log=print):
+    """Trains to train.steps from the latest checkpoint; returns the final state. A SIGTERM or
+    SIGINT saves at the next step boundary and returns early (`self.stopped_by` names the
+    signal); a non-finite step raises guards.NonfiniteError (train.on_nonfinite)."""
+    self.stopped_by = None
+    with guards.WorkdirLock(self.workdir, enabled=jax.process_index() == 0) as lock:
+      if lock.took_over:
+        log(f"took over the lock of a trainer that is gone (pid {lock.took_over.get('pid')})")
+      # Recorded only now that every setting has been validated, so that a mistyped first
+      # attempt does not leave a config behind that refuses the corrected command. Process 0
+      # alone writes it: processes writing the shared workdir's file at once can collide.
+      if jax.process_index() == 0:
+        checkpoint.write_config(self.workdir, self.cfg.to_dict())
+        data.check_tokenizer(self.tokenizer, self.workdir, record=True)
+      ckpts = checkpoint.RunCheckpoints(self.workdir, keep=self.cfg.train.keep_checkpoints)
+      try:
+        with guards.Preemption() as preemption:
+          return self._run(ckpts, preemption, log)
+      finally:
+        ckpts.close()
+
+  def _run(self, ckpts, preemption, log):
     cfg, workdir = self.cfg, self.workdir
     tcfg = cfg.train
-    ckpts = checkpoint.RunCheckpoints(workdir, keep=tcfg.keep_checkpoints)
     data_iter = iter(self.dataset("train"))
     eval_batches = data.make_eval_batches(
         cfg.data.corpus, self.tokenizer, cfg.data.seq_len, cfg.data.batch_size,
         tcfg.eval_batches, cfg.data.heldout_fraction, cfg.data.text_field,
         process_index=jax.process_index(), process_count=jax.process_count())
 
-    start = ckpts.latest_step()
+    start, state = ckpts.restore_newest_intact(self.abstract_state, data_iter, log)
     if start is None:
       state, start = self.init_state(jax.random.key(cfg.seed)), 0
     elif not ckpts.has_data(start):  # an imported model (evo_jax/convert.py): data starts fresh
-      state = ckpts.restore(start, self.abstract_state)
       log(f"starting from the weights in {ckpts.directory}/{start}")
     else:
-      state = ckpts.restore(start, self.abstract_state, data_iter)
       log(f"resumed from {ckpts.directory}/{start}")
+    last_saved = ckpts.latest_step()
     writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+    guard = guards.NonfiniteGuard(tcfg.on_nonfinite, tcfg.nonfinite_skip_limit)
+
+    def save(step):
+      nonlocal last_saved
+      guard.check(step, last_saved)     # never a non-finite state, never rotating a good one out
+      ckpts.save(step, state, data_iter, cfg.to_dict())
+      last_saved = step
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     log(f"{workdir}: {n_params:,} parameters, mesh {dict(self.mesh.shape)}, "
         f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens per step, steps {start} -> "
         f"{tcfg.steps} (the first step compiles)")
     tick, tick_step, tokens_since = time.perf_counter(), start, 0
-    for step in range(start, tcfg.steps):
-      batch = next(data_iter)
-      if tcfg.record_batches:
-        record_rows(workdir, step, batch)
-      tokens_since += int(np.sum(batch["segment_ids"] > 0))
-      state, aux = self.step(state, batch)
-      done = step + 1
-      if step == start:  # the first step compiles: keep it out of the throughput
-        jax.block_until_ready(aux)
-        tick, tick_step, tokens_since = time.perf_counter(), done, 0
-      if done % tcfg.log_every == 0 or done == tcfg.steps:
-        aux = jax.device_get(aux)
-        now = time.perf_counter()
-        record = self._train_record(aux, done)
-        sums = self.measure(state.params, batch, self.measure_rng(done))
-        record.update(measure_lib.summarize(jax.device_get(sums), cfg.bound.windows))
-        record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
-        record["split"] = "train"
-        writer.write(done, record)
-        log(status_line(done, tcfg.steps, record, tokens_since / max(done - tick_step, 1)))
-        tick, tick_step, tokens_since = time.perf_counter(), done, 0
-      if done % tcfg.eval_every == 0 or done == tcfg.steps:
-        ev = self.evaluate(state.params, eval_batches, done)
-        writer.write(done, {"split": "heldout", **ev})
-        log(f"  held-out @ {done}: AR-path ppl {ev['ar_ppl']:.2f} | clean ppl "
-            f"{ev['clean_ar_ppl']:.2f} | " + " | ".join(
-                f"bound(W={measure_lib.window_name(w)}) "
-                f"{ev[f'bound_w{measure_lib.window_name(w)}_bpt']:.4g} bpt"
-                for w in cfg.bound.windows))
-        tick = time.perf_counter()  # evaluation time is not training throughput
-      if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
-        ckpts.save(done, state, data_iter, cfg.to_dict())
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
+    try:
+      for step in range(start, tcfg.steps):
+        batch = next(data_iter)
+        if tcfg.record_batches:
+          record_rows(workdir, step, batch)
+        tokens_since += int(np.sum(batch["segment_ids"] > 0))
+        state, aux = self.step(state, batch)
+        done = step + 1
+        guard.update(aux, done)
+        if step == start:  # the first step compiles: keep it out of the throughput
+          jax.block_until_ready(aux)
+          tick, tick_step, tokens_since = time.perf_counter(), done, 0
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+          aux = jax.device_get(aux)
+          now = time.perf_counter()
+          record = self._train_record(aux, done)
+          record["nonfinite_steps"] = guard.skipped()
+          sums = self.measure(state.params, batch, self.measure_rng(done))
+          record.update(measure_lib.summarize(jax.device_get(sums), cfg.bound.windows))
+          record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
+          record["split"] = "train"
+          writer.write(done, record)
+          log(status_line(done, tcfg.steps, record, tokens_since / max(done - tick_step, 1)))
+          guard.check(done, last_saved)
+          tick, tick_step, tokens_since = time.perf_counter(), done, 0
+        if done % tcfg.eval_every == 0 or done == tcfg.steps:
+          guard.check(done, last_saved)
+          ev = self.evaluate(state.params, eval_batches, done)
+          writer.write(done, {"split": "heldout", **ev})
+          log(f"  held-out @ {done}: AR-path ppl {ev['ar_ppl']:.2f} | clean ppl "
+              f"{ev['clean_ar_ppl']:.2f} | " + " | ".join(
+                  f"bound(W={measure_lib.window_name(w)}) "
+                  f"{ev[f'bound_w{measure_lib.window_name(w)}_bpt']:.4g} bpt"
+                  for w in cfg.bound.windows))
+          tick = time.perf_counter()  # evaluation time is not training throughput
+        if done % tcfg.ckpt_every == 0 or done == tcfg.steps:
+          save(done)
+        if preemption.requested(done):
+          if last_saved != done:
+            save(done)
+          ckpts.wait()
+          self.stopped_by = preemption.received
+          log(f"{preemption.received.name} at step {done}: saved {ckpts.directory}/{done}; "
+              f"rerun the same command to resume")
+          return state
+      ckpts.wait()
+    finally:
+      writer.close()
     return state
 
   def _train_record(self, aux, step):
@@ -283,6 +327,8 @@ def status_line(step, total, r, tokens_per_step):
 def train_and_report(cfg, workdir, log=print):
   trainer = Trainer(cfg, workdir)
   trainer.run(log=log)
+  if trainer.stopped_by is not None:   # preempted: saved, the report is for a finished run
+    sys.exit(guards.EXIT_CODES[trainer.stopped_by])
   if jax.process_index() == 0 and cfg.train.samples > 0:
     run_lib.print_report(workdir, cfg.train.samples, cfg.train.sample_tokens,
                          cfg.train.sample_prompt, log=log)

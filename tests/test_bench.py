@@ -20,9 +20,16 @@ def small(tokenizer):
 
 
 def test_bench_train_times_the_trainers_step(stdlib_tokenizer, capsys):
-  bench.main(["train", "--config", TINY, "--steps", "2", *small(stdlib_tokenizer)])
+  bench.main(["train", "--config", TINY, "--steps", "2", *small(stdlib_tokenizer),
+              "--against", "model.posterior_logits=false"])
   out = capsys.readouterr()
-  assert "median step: " in out.out and " tokens/s | batch 8 x 32" in out.out
+  rows = [line for line in out.out.splitlines() if "median step " in line]
+  assert rows[0].startswith("config: median step ") and " tokens/s | batch 8 x 32" in rows[0]
+  assert rows[1].startswith("model.posterior_logits=false: median step ")
+  ms = [float(r.split("median step ")[1].split(" ms")[0]) for r in rows]
+  ratio = float(out.out.strip().splitlines()[-1].split(": ")[1])
+  assert out.out.strip().splitlines()[-1].startswith("ratio (model.posterior_logits=false / ")
+  assert ratio == pytest.approx(ms[1] / ms[0], rel=0.05)        # of the rounded figures
   assert "timing: 2 steps done in" in out.err
 
 
@@ -49,7 +56,8 @@ def test_bench_bound_profile_is_the_bound_binned(tiny_run, tmp_path, capsys):
   table = dict(zip(header, map(float, row)))
   with open(prefix + ".csv") as f:
     rows = [line.strip().split(",") for line in f]
-  assert rows[0] == ["window", "bin_by", "lo", "hi", "draws", "integrand_nats", "latent_ce_nats"]
+  assert rows[0] == ["window", "bin_by", "lo", "hi", "draws", "integrand_nats", "latent_ce_nats",
+                     "latent_only_ce_nats"]
   rows = rows[1:]
   windows = sorted({r[0] for r in rows})
   assert len(rows) == len(windows) * 2 * 4 and windows   # per W, by log-SNR and by t, 4 bins
@@ -60,6 +68,7 @@ def test_bench_bound_profile_is_the_bound_binned(tiny_run, tmp_path, capsys):
     assert n == sum(int(r[4]) for r in by_t) > 0
     term = sum(int(r[4]) * float(r[5]) for r in by_snr if int(r[4])) / n * 16 / math.log(2)
     assert term == pytest.approx(table[f"bound_w{w}_diffusion"], rel=2e-3)
+    assert all(float(r[7]) > 0 for r in by_t if int(r[4]))   # the latent-only posterior's CE
   assert (tmp_path / "profile.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -71,6 +71,13 @@ def test_invalid_utf8(tmp_path, capsys):
 def test_unknown_config_key(tmp_path, capsys):
   train_cli(capsys, tmp_path / "w", "--config.train.stepz=3",
             expect=("unknown config key: train.stepz",))
+  train_cli(capsys, tmp_path / "w", "--config.train.on_nonfinite=ignore",
+            expect=("train.on_nonfinite must be one of ('stop', 'skip'), got 'ignore'",))
+  train_cli(capsys, tmp_path / "w", "--config.model.self_conditioning=previous",
+            expect=("model.self_conditioning must be one of ('none', 'e_hat')",))
+  train_cli(capsys, tmp_path / "w", "--config.loss.self_cond_prob=1.5",
+            expect=("loss.self_cond_prob must be in [0, 1], got 1.5",))
+  assert not (tmp_path / "w" / "config.json").exists()
 
 
 def test_workdir_of_another_config_is_refused_and_kept(tmp_path, capsys):

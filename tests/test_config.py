@@ -24,6 +24,12 @@ def test_a_field_added_since_the_run_counts_as_its_default():
   assert config.mismatch(saved, current) is None
   current.model.remat = "full"
   assert config.mismatch(saved, current) == ("model.remat", "none", "full")
+  # A field whose default changed since: the run predating it ran with the earlier one.
+  del saved["model"]["posterior_logits"]
+  current = config.default_config()
+  assert current.model.posterior_logits
+  assert config.mismatch(saved, current) == ("model.posterior_logits", False, True)
+  assert not config.from_saved(saved).model.posterior_logits
 
 
 def test_a_saved_run_config_loads_whole():

@@ -190,9 +190,47 @@ def test_diffusion_and_block_forward_counts(model_params):
   np.testing.assert_array_equal(out["nfe"], [K] * len(PROMPTS))
   assert all(len(n) == G for n in out["new"])
   np.testing.assert_array_equal(out["committed_at"], K - 1)
-  out = run(model_params, decoding.make_policy("block", window=4, steps=3))
-  np.testing.assert_array_equal(out["nfe"], [3 * G // 4] * len(PROMPTS))
-  np.testing.assert_array_equal(out["committed_at"][:, :8], [[2] * 4 + [5] * 4] * len(PROMPTS))
+  for update in ("flow", "ancestral"):
+    out = run(model_params, decoding.make_policy("block", window=4, steps=3, update=update))
+    np.testing.assert_array_equal(out["nfe"], [3 * G // 4] * len(PROMPTS))
+    np.testing.assert_array_equal(out["committed_at"][:, :8],
+                                  [[2] * 4 + [5] * 4] * len(PROMPTS))
+
+
+def test_self_conditioning_starts_as_nothing_and_feeds_the_last_estimate(model_params):
+  """model.self_conditioning adds a zero-initialised map of each latent's last e_hat: with the
+  map at zero, decoding gives the text of the model without the option, exactly; with the map
+  moved off zero, the estimates fed back change the text."""
+  model, params = model_params
+  with_sc = model_lib.EvoTransformer(dataclasses.replace(model.cfg, self_conditioning="e_hat"))
+  D = model.cfg.d_model
+  fresh = state_lib.init_params(with_sc, jax.random.key(0))
+  assert fresh["params"]["self_cond_in"]["kernel"].shape == (D, D)
+  assert not np.any(fresh["params"]["self_cond_in"]["kernel"])
+  policy = decoding.make_policy("block", window=4, steps=3)
+  plain = run(model_params, policy)
+  zero = {"params": {**params["params"], "self_cond_in": {"kernel": jnp.zeros((D, D))}}}
+  assert run((with_sc, zero), policy)["new"] == plain["new"]
+  moved = {"params": {**params["params"], "self_cond_in": {
+      "kernel": 2.0 * jax.random.normal(jax.random.key(5), (D, D)) / np.sqrt(D)}}}
+  assert run((with_sc, moved), policy)["new"] != plain["new"]
+
+
+def test_the_ancestral_bridge_keeps_the_paths_marginal():
+  """z_t = a(t) e + s(t) eps, then z_t' drawn from q(z_t' | z_t, x): over many draws z_t' has
+  the path's own marginal at t', mean a(t') e and variance s(t')^2 per dimension; at t' = 0 it
+  is e exactly."""
+  sched = schedule_lib.Schedule("linear", 3.0)
+  n, D = 20000, 16
+  e = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, D)), (n, 1, D))
+  t = jnp.full((n, 1), 0.8)
+  z = sched.noise(e, t, jax.random.normal(jax.random.key(1), (n, 1, D)))
+  z_new = decoding.bridge_update(sched, z, t, jnp.full((n, 1), 0.5), e, jax.random.key(2))
+  a, s = (float(x) for x in sched.alpha_sigma(jnp.float32(0.5)))
+  np.testing.assert_allclose(np.mean(z_new, 0), a * e[0], atol=5 * s / np.sqrt(n))
+  np.testing.assert_allclose(np.var(z_new, 0), s * s, rtol=0.05)
+  at_zero = decoding.bridge_update(sched, z, t, jnp.zeros((n, 1)), e, jax.random.key(3))
+  np.testing.assert_allclose(at_zero, e, atol=1e-6)
 
 
 def test_eos_and_context_stops(model_params):
@@ -273,6 +311,7 @@ def test_bad_input_is_a_one_line_error(model_params):
       (lambda: decoding.make_policy("evo", windw=3), "unknown policy setting 'windw'"),
       (lambda: decoding.make_policy("evo", delta_min=0.0), "delta_min"),
       (lambda: decoding.make_policy("verify", accept_ratio=0.0), "accept_ratio"),
+      (lambda: decoding.make_policy("block", update="snap"), "update must be one of"),
       (lambda: gen([[]]), "prompt 1 is empty"),
       (lambda: gen([[4], list(range(CONTEXT))]), "prompt 2 has 32 tokens"),
       (lambda: gen([[4]], max_new_tokens=0), "max_new_tokens"),

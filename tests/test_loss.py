@@ -52,7 +52,7 @@ def test_bound_is_above_the_entropy_and_approaches_it(small_cfg):
   # defaults (shift 3, more mass at t = 1) favour the AR path instead (docs/training.md).
   cfg.schedule.shift = 1.0
   cfg.progression.p_t_one = 0.1
-  steps = 400
+  steps = 200
   chain = MarkovChain()
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
   tx = state_lib.make_optimizer(cfg.optim, steps)
@@ -87,8 +87,10 @@ def test_bound_is_above_the_entropy_and_approaches_it(small_cfg):
     gaps = [h[key] - h_eval for h in history]
     assert gaps[0] > gaps[1] > gaps[2], (key, gaps)
   final = history[-1]
-  assert final["w1"] - h_eval < 0.25 * h_eval, (final, h_eval)
-  assert final["wL"] - h_eval < 1.5 * h_eval, (final, h_eval)
+  # With posterior-combined logits (the default) the gaps are 5% and 35% of the entropy after
+  # 200 steps; without them, 23% and 118% after 400 (docs/training.md, "The reference run").
+  assert final["w1"] - h_eval < 0.1 * h_eval, (final, h_eval)
+  assert final["wL"] - h_eval < 0.6 * h_eval, (final, h_eval)
   # The endpoints of the log-SNR range are chosen so that their terms are small.
   assert final["recon"] < 0.05 and final["prior"] < 0.01
   # The AR path is a likelihood too: near the entropy after training.
@@ -123,12 +125,15 @@ def test_loss_masks_padding_and_prompt(small_cfg):
   assert int(loss_lib.token_counts(prompt)["latent"]) == 16
 
 
-@pytest.mark.parametrize("weighting,flow", [("elbo", 0.0), ("ce", 0.5)])
-def test_other_objectives_train(small_cfg, weighting, flow):
-  """The `elbo` weighting and the flow-matching term are objectives one can train on: 30 steps
-  on the Markov chain lower the objective itself on a held-out batch (same draws before and
-  after), with finite gradients all along."""
+@pytest.mark.parametrize("weighting,flow,self_cond", [("elbo", 0.0, "none"),
+                                                      ("ce", 0.5, "e_hat")])
+def test_other_objectives_train(small_cfg, weighting, flow, self_cond):
+  """The `elbo` weighting, the flow-matching term and self-conditioning are objectives one can
+  train on: 30 steps on the Markov chain lower the objective itself on a held-out batch (same
+  draws before and after), with finite gradients all along; the self-conditioning map moves
+  off its zero start."""
   small_cfg.loss.update(weighting=weighting, flow_weight=flow)
+  small_cfg.model.self_conditioning = self_cond
   small_cfg.optim.update(lr=3e-3, warmup_steps=5)
   model = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
   tx = state_lib.make_optimizer(small_cfg.optim, 30)
@@ -143,6 +148,8 @@ def test_other_objectives_train(small_cfg, weighting, flow):
     state, aux = step_fn(state, chain.batch(rng, 16))
     assert np.isfinite(float(aux["grad_norm"]))
   assert float(objective(state.params)) < 0.9 * before
+  if self_cond != "none":
+    assert float(jnp.max(jnp.abs(state.params["params"]["self_cond_in"]["kernel"]))) > 0
 
 
 def test_posterior_logits_are_bayes_on_the_latent(model_params):
@@ -154,6 +161,7 @@ def test_posterior_logits_are_bayes_on_the_latent(model_params):
   from evo_jax import schedule as schedule_lib
   model, params = model_params
   with_posterior = model_lib.EvoTransformer(dataclasses.replace(model.cfg, posterior_logits=True))
+  model = model_lib.EvoTransformer(dataclasses.replace(model.cfg, posterior_logits=False))
   sched = schedule_lib.from_config(small_config().schedule)
   B, T = 2, 16
   tokens = jax.random.randint(jax.random.key(3), (B, T), 0, model.cfg.vocab_size)

@@ -1,7 +1,7 @@
 """A real multi-process run: 2 processes x 4 simulated CPU devices joined by jax.distributed
 over localhost, started with launch/local.py as a user would. Each process reads its own rows;
-the checkpoint restores in one process onto other meshes; a run killed mid-way resumes and
-reproduces the uninterrupted one."""
+the checkpoint restores in one process onto other meshes; a run preempted (SIGTERM to one
+process) and then killed mid-way resumes and reproduces the uninterrupted one."""
 import json
 import os
 import signal
@@ -82,15 +82,45 @@ def saved_params(workdir, mesh_cfg, devices):
   return run_lib.load_run(str(workdir), sharding.make_mesh(mesh_cfg, devices)).params
 
 
-def test_killed_run_resumes_and_restores_on_other_meshes(straight_run, stdlib_tokenizer,
-                                                         tmp_path):
+def training_process(workdir, index):
+  """The pid of process `index` of the run in workdir (a child of the launcher)."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\0")
+    except OSError:
+      continue
+    if str(workdir).encode() in args and f"--process_id={index}".encode() in args:
+      return int(pid)
+  raise AssertionError(f"process {index} of {workdir} not found")
+
+
+def wait_for_step(proc, workdir, step):
+  deadline = time.monotonic() + 900
+  while last_logged(workdir) < step and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
+def test_preempted_and_killed_run_resumes_and_restores_on_other_meshes(
+    straight_run, stdlib_tokenizer, tmp_path):
+  """SIGTERM to one process (a preemption notice): both save at the step JAX's preemption sync
+  point agrees on and exit 0. The rerun is then killed (kill -9, no notice) after step 3 past
+  it is logged. The third run resumes and logs what the uninterrupted run logged."""
   workdir = tmp_path / "killed"
   cmd = command(workdir, stdlib_tokenizer)
   proc = launch(cmd)
-  deadline = time.monotonic() + 900      # killed once step 4 is logged (after checkpoint 3):
-  while (last_logged(workdir) < 4 and proc.poll() is None   # what it logged after its
-         and time.monotonic() < deadline):                # checkpoint is then lost
-    time.sleep(0.05)
+  wait_for_step(proc, workdir, 4)
+  os.kill(training_process(workdir, 1), signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = [int(line.split("SIGTERM at step ")[1].split(":")[0]) for line in out.splitlines()
+           if "SIGTERM at step " in line]
+  assert len(saved) == 2 and saved[0] == saved[1] < STEPS, out[-3000:]   # both, one step
+  preempted_at = saved[0]
+  assert (workdir / "checkpoints" / str(preempted_at)).is_dir()
+
+  proc = launch(cmd)
+  wait_for_step(proc, workdir, preempted_at + 3)   # a log step past the next checkpoint
   proc.send_signal(signal.SIGTERM)       # the launcher SIGKILLs both training processes
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode != 0, "the run finished before it could be killed"

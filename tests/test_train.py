@@ -1,5 +1,8 @@
 """Training end to end on the real default corpus: the loss falls, checkpoints restore exactly,
 and a stopped and resumed run reproduces an uninterrupted one."""
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
@@ -50,18 +53,25 @@ def test_tiny_config_loss_falls_on_the_standard_library(stdlib_tokenizer, tmp_pa
 
 
 def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
-  run_cfg.optim.decay_steps = 6        # the schedule must not depend on where a run stops
+  """SIGTERM (a preemption notice) while step 2 is logged: the run saves step 2, between its
+  periodic checkpoints (every 3), and stops; the same command run again logs what the
+  uninterrupted run logged, each step once."""
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   _, state = run(run_cfg, straight)
 
-  run_cfg.train.steps = 3               # "killed" right after its checkpoint at step 3 ...
-  run(run_cfg, stopped)
-  run_cfg.train.steps = 6               # ... and the same command run again
+  def preempt_at_step_2(line):
+    if line.startswith("step      2/"):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  trainer = train.Trainer(run_cfg, str(stopped), devices=one_device())
+  trainer.run(log=preempt_at_step_2)
+  assert trainer.stopped_by == signal.SIGTERM
+  assert checkpoint.RunCheckpoints(str(stopped)).manager.all_steps() == [2]
   run(run_cfg, stopped)
 
   a, b = train_records(straight), train_records(stopped)
-  assert sorted(a) == [2, 4, 6] and sorted(b) == [2, 3, 4, 6]   # a run logs its last step
-  for step in (4, 6):
+  assert sorted(a) == sorted(b) == [2, 4, 6]
+  for step in (2, 4, 6):
     for key in a[step]:
       if key != "tokens_per_sec":
         assert a[step][key] == b[step][key], (step, key)
