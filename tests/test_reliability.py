@@ -2,6 +2,7 @@
 (a batch with a token id outside the vocabulary, whose embedding lookup is NaN), SIGTERM and
 SIGINT, damaged checkpoints, a second trainer on a workdir, a swapped tokenizer, a failed
 save."""
+import copy
 import json
 import os
 import resource
@@ -12,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,12 +39,6 @@ class FaultyTrainer(train.Trainer):
     return super().step(state, local_batch)
 
 
-def faulty_run(cfg, workdir, bad_steps, log=lambda *_: None):
-  trainer = FaultyTrainer(cfg, str(workdir), devices=one_device())
-  trainer.bad_steps = bad_steps
-  return trainer, trainer.run(log=log)
-
-
 def finite(tree):
   return not guards.nonfinite_leaves(tree)
 
@@ -61,6 +57,8 @@ def test_a_diverging_run_stops_at_the_step_with_its_checkpoints_finite(run_cfg, 
 
 
 def test_skip_leaves_the_state_of_a_nonfinite_step_and_stops_past_the_limit(run_cfg, tmp_path):
+  """A batch with an out-of-vocabulary token at step 5 under on_nonfinite=skip: the step's
+  update is dropped exactly, the run finishes finite, and the skip is logged."""
   run_cfg.train.update(steps=6, ckpt_every=3, log_every=3, eval_every=100,
                        on_nonfinite="skip", nonfinite_skip_limit=1)
   seen = {}
@@ -87,10 +85,15 @@ def test_skip_leaves_the_state_of_a_nonfinite_step_and_stops_past_the_limit(run_
   logged = [r for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
   assert [r["nonfinite_steps"] for r in logged] == [0, 1]
 
-  run_cfg.train.steps = 9               # a resumed run: more skips than the limit stop it
-  with pytest.raises(guards.NonfiniteError, match="2 steps were not finite"):
-    faulty_run(run_cfg, tmp_path, bad_steps=(7, 8))
-  assert checkpoint.RunCheckpoints(str(tmp_path)).manager.all_steps() == [3, 6]
+  # More skips than the limit stop the run; the guard's count is the device's.
+  guard = guards.NonfiniteGuard("skip", limit=1)
+  for step, finite_step in enumerate([True, False, True, False], start=1):
+    guard.update(dict(finite=jnp.asarray(finite_step), loss=jnp.float32(np.nan),
+                      grad_norm=jnp.float32(1.0)), step)
+    if step < 4:
+      guard.check(step, last_checkpoint=None)
+  with pytest.raises(guards.NonfiniteError, match=r"2 steps were not finite \(the first: step 2"):
+    guard.check(4, last_checkpoint=3)
 
 
 def one_device_mesh():
@@ -98,30 +101,41 @@ def one_device_mesh():
   return sharding.make_mesh(dict(data=1), one_device())
 
 
-def test_sigint_saves_at_the_next_step_and_the_rerun_resumes(run_cfg, tmp_path):
-  """Ctrl-C while step 2 is logged: the run saves step 2 (checkpoints every 3) and returns;
-  the rerun resumes there and logs each step once. (SIGTERM: test_train.py's resume test.)"""
-  sig = signal.SIGINT
-  run_cfg.train.update(steps=6, log_every=2, ckpt_every=3, eval_every=100)
-  lines = []
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, stdlib_tokenizer):
+  """A run of 6 steps (checkpoints every 3) that gets Ctrl-C while step 2 is logged, and is
+  rerun: (its workdir, the config, the first run's Trainer, its final state, the log lines of
+  both runs, the SIGINT handler before)."""
+  from conftest import small_run_config
+  cfg = small_run_config(stdlib_tokenizer, steps=6)
+  cfg.train.update(log_every=2, ckpt_every=3, eval_every=100)
+  workdir = str(tmp_path_factory.mktemp("interrupted"))
+  lines = ([], [])
 
   def log(line):
-    lines.append(line)
+    lines[0].append(line)
     if line.startswith("step      2/"):
-      os.kill(os.getpid(), sig)
+      os.kill(os.getpid(), signal.SIGINT)
 
-  before = signal.getsignal(sig)
-  trainer = train.Trainer(run_cfg, str(tmp_path), devices=one_device())
+  before = signal.getsignal(signal.SIGINT)
+  trainer = train.Trainer(cfg, workdir, devices=one_device())
   state = trainer.run(log=log)
-  assert trainer.stopped_by == sig and int(state.step) == 2
-  assert lines[-1].startswith(f"{sig.name} at step 2: saved ") and "resume" in lines[-1]
-  assert guards.EXIT_CODES[sig] == (0 if sig == signal.SIGTERM else 130)
-  assert signal.getsignal(sig) == before          # the handler is the run's only
-  lines.clear()
-  state = train.Trainer(run_cfg, str(tmp_path), devices=one_device()).run(log=lines.append)
-  assert any("resumed from" in line and line.endswith("/2") for line in lines)
+  step_after_signal = int(state.step)
+  state = train.Trainer(cfg, workdir, devices=one_device()).run(log=lines[1].append)
+  return workdir, cfg, trainer, step_after_signal, state, lines, before
+
+
+def test_sigint_saves_at_the_next_step_and_the_rerun_resumes(interrupted_run):
+  """Ctrl-C while step 2 is logged: the run saves step 2 (checkpoints every 3) and returns;
+  the rerun resumes there and logs each step once. (SIGTERM: test_train.py's resume test.)"""
+  workdir, _, trainer, step_after_signal, state, (first, second), before = interrupted_run
+  assert trainer.stopped_by == signal.SIGINT and step_after_signal == 2
+  assert first[-1].startswith("SIGINT at step 2: saved ") and "resume" in first[-1]
+  assert guards.EXIT_CODES[signal.SIGINT] == 130 and guards.EXIT_CODES[signal.SIGTERM] == 0
+  assert signal.getsignal(signal.SIGINT) == before          # the handler is the run's only
+  assert any("resumed from" in line and line.endswith("/2") for line in second)
   assert int(state.step) == 6
-  steps = [r["step"] for r in metrics.read_metrics(tmp_path) if r["split"] == "train"]
+  steps = [r["step"] for r in metrics.read_metrics(workdir) if r["split"] == "train"]
   assert steps == [2, 4, 6]
 
 
@@ -148,13 +162,13 @@ def damage(step_dir, how):
     json.dump(saved, open(meta, "w"))
 
 
-def test_a_damaged_checkpoint_is_named_and_training_falls_back(run_cfg, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_named_and_training_falls_back(interrupted_run, tmp_path,
+                                                               capsys):
   from evo_jax import sample
   from conftest import one_line_error
-  run_cfg.train.update(steps=6, ckpt_every=3, eval_every=100)
-  train.Trainer(run_cfg, str(tmp_path), devices=one_device()).run(log=lambda *_: None)
+  run_dir, run_cfg = interrupted_run[0], copy.deepcopy(interrupted_run[1])
   good = str(tmp_path / "good")
-  shutil.copytree(tmp_path, good)
+  shutil.copytree(run_dir, good)
   for how in ("truncated", "no manifest", "flipped", "fingerprint"):
     work = str(tmp_path / how.replace(" ", "_"))
     shutil.copytree(good, work)
