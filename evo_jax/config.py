@@ -55,8 +55,12 @@ def default_config() -> ml_collections.ConfigDict:
       window_probs_start=(),             # set to start an "evolving balance" curriculum
       curriculum_steps=0,
       pattern_probs=ml_collections.ConfigDict(dict(shared=0.5, ramp=0.25, independent=0.25)),
-      t_base="uniform",                  # uniform | logit_normal
+      t_base="uniform",                  # uniform | logit_normal | adaptive
       logit_normal_mean=0.0, logit_normal_std=1.0,
+      # adaptive: t drawn from adaptive_bins equal bins with probability from the running mean
+      # latent CE per bin (its rise over the bin before, CDCD's time warping; EMA decay
+      # adaptive_decay, kept in the train state), mixed with a uniform share adaptive_floor.
+      adaptive_bins=20, adaptive_floor=0.2, adaptive_decay=0.99,
       stratified=True,
       p_t_one=0.3,                       # mass at t = 1, the state decoding starts from
   ))
@@ -66,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
       clean_ar_weight=1.0,
       flow_weight=0.0,
       self_cond_prob=0.5,    # rows trained with their self-conditioning input (self_conditioning)
+      # Train the latent table e(v) = E / rms(E) through the latent losses (the input z, the
+      # target, the posterior term), not only the clean stream's loss: the diffusion loss may
+      # spread apart tokens whose latents it cannot tell apart. Off: stop-gradient.
+      latent_table_grad=False,
   ))
   c.bound = ml_collections.ConfigDict(dict(
       log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: docs/training.md

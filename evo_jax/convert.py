@@ -33,6 +33,7 @@ from evo_jax import cli
 from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import model as model_lib
+from evo_jax import progression
 from evo_jax import run as run_lib
 from evo_jax import sharding
 from evo_jax import state as state_lib
@@ -278,9 +279,10 @@ def import_checkpoint(hf_dir, out, cfg, log=print):
     params[key] = set_layer(params[key], to_evo(array, shapes[key].shape[1:], transposed), layer)
   progress.done()
   params = flax.traverse_util.unflatten_dict(params)
-  state = state_lib.TrainState(
-      step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
+  state = state_lib.make_state(
+      jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params,
+      jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+      progression.adaptive_bins(cfg.progression))
 
   os.makedirs(out, exist_ok=True)
   for name in TOKENIZER_FILES:

@@ -42,7 +42,7 @@ Policies (`POLICIES`, or `make_policy(name, **settings)`):
              is that of ar_clean (greedy), or has its distribution (sampling). Only the
              accepted tokens' keys and values are cached;
   diffusion  W = the whole generation, K equal steps, everything commits at t = 0;
-  block      W = B, K steps per block;
+  block      W = B, K steps per block (with ramp: a rolling front, W / K tokens a pass);
   evo        adaptive: the step of each token from its confidence and the time head.
 
 Everything runs under one `jax.jit` with static shapes (a `lax.while_loop`; the cache, the window
@@ -93,9 +93,16 @@ class Policy:
   use_time_head: bool = False  # evo: Delta_i >= t_i - t_hat_i (a latent the model finds mature)
   renoise_below: float = 0.0  # evo: confidence below this sends an uncommitted t back up
   noise: float = 0.0          # share of fresh noise in the flow update (0: deterministic)
+  ramp: bool = False          # fixed steps: latent j of the window steps no lower than
+                              # floor(j K / W) / K, so the left of the window matures first
+                              # and W / K tokens commit a pass once the ramp is full (a rolling
+                              # front, as training's ramp pattern); off: the window matures
+                              # together and commits together
   update: str = "flow"        # flow: z <- a(t') e_hat + s(t') eps_hat, e_hat the mean latent;
                               # ancestral: pick a token x (as a commit would), then draw z from
                               # the path's bridge q(z_t' | z_t, x), with fresh noise
+  bridge_noise: float = 1.0   # ancestral: the bridge's fresh noise, as a multiple of its exact
+                              # std (0: its mean; from z = a(t) e(x) that is a(t') e(x))
   carry: bool = False         # verify: the drafting latents carry over between passes, one
                               # flow step (Delta) more mature; off: one-step drafts from t = 1
   accept_ratio: float = 1.0   # verify, greedy: a draft also passes when the clean stream gives
@@ -116,6 +123,9 @@ class Policy:
                          f"got {self.confidence!r}")
     if self.sharpness <= 0:
       raise DecodingError(f"policy {self.name}: sharpness must be > 0, got {self.sharpness}")
+    if not 0 <= self.bridge_noise <= 1:
+      raise DecodingError(f"policy {self.name}: bridge_noise must be in [0, 1], got "
+                          f"{self.bridge_noise}")
     if not 0 <= self.noise <= 1:
       raise DecodingError(f"policy {self.name}: noise must be in [0, 1], got {self.noise}")
     if not 0 < self.accept_ratio <= 1:
@@ -127,6 +137,9 @@ class Policy:
     if self.readout not in READOUTS:
       raise DecodingError(f"policy {self.name}: readout must be one of {READOUTS}, "
                           f"got {self.readout!r}")
+    if self.ramp and (self.adaptive or self.readout == "clean"):
+      raise DecodingError(f"policy {self.name}: ramp is a schedule of the fixed steps "
+                          f"(readout=latent, not adaptive)")
     if self.readout == "clean" and self.window < 1:
       raise DecodingError(f"policy {self.name}: readout=clean needs window >= 1 (1: no drafts; "
                           f"W: W - 1 drafts a pass from windows of W latents)")
@@ -134,8 +147,12 @@ class Policy:
   def resolved_window(self, max_new_tokens):
     return min(self.window or max_new_tokens, max_new_tokens)
 
-  def resolved_n_max(self):
-    return self.n_max or self.steps
+  def resolved_n_max(self, max_new_tokens):
+    """Iterations after which the leftmost latent is forced. With ramp a latent waits at its
+    floor while the ones left of it mature, so the default never forces (W K bounds a wait)."""
+    if self.n_max:
+      return self.n_max
+    return self.steps * (self.resolved_window(max_new_tokens) if self.ramp else 1)
 
   def describe(self, max_new_tokens):
     """The settings that matter, in a few characters (tables and benchmark rows)."""
@@ -145,12 +162,14 @@ class Policy:
       lenient = f", accept_ratio={self.accept_ratio:g}" if self.accept_ratio < 1 else ""
       return "clean stream" + (f", {W - 1} drafts" + (carry if self.carry else "") + lenient
                                if W > 1 else "")
-    ancestral = " ancestral" if self.update == "ancestral" else ""
+    ancestral = (" ancestral" + (f" bridge_noise={self.bridge_noise:g}"
+                                 if self.bridge_noise != 1 else "")
+                 if self.update == "ancestral" else "")
     if self.adaptive:
       return (f"W={W} D=[{self.delta_min:g},{self.delta_max:g}]*c^{self.sharpness:g} "
-              f"gamma={self.gamma:g} tau={self.tau_c:g} Nmax={self.resolved_n_max()}"
+              f"gamma={self.gamma:g} tau={self.tau_c:g} Nmax={self.resolved_n_max(max_new_tokens)}"
               + (" +t_hat" if self.use_time_head else "") + ancestral)
-    return f"W={W} K={self.steps}" + ancestral
+    return f"W={W} K={self.steps}" + (" ramp" if self.ramp else "") + ancestral
 
 
 # The defaults were picked by measurement on the 2,000-step tiny run (docs/decoding.md, "The
@@ -161,12 +180,16 @@ class Policy:
 # slower than 1.9 tokens a pass is beaten by verify on both counts, so gamma = 0.1 puts evo at
 # the fast end of the front (2.15 tokens a pass). n_max = 1: the leftmost latent commits at
 # every pass, so evo never takes more passes than ar.
+# block: a rolling front of W = 4 latents (ramp), 2 tokens a pass, each stepped by the
+# noise-free ancestral bridge: on the reference run AR-NLL 3.89 at 1.94 tokens a pass, against
+# 7.31 at 2.00 for W = 8, K = 4 with the flow (docs/decoding.md, "Refinement on the reference
+# run").
 POLICIES = {
     "ar": Policy("ar", window=1, steps=1),
     "ar_clean": Policy("ar_clean", window=1, steps=1, readout="clean"),
     "verify": Policy("verify", window=4, steps=1, readout="clean"),
     "diffusion": Policy("diffusion", window=0, steps=16),
-    "block": Policy("block", window=8, steps=4),
+    "block": Policy("block", window=4, steps=2, ramp=True, update="ancestral", bridge_noise=0.0),
     "evo": Policy("evo", window=4, steps=1, adaptive=True, delta_min=0.01, sharpness=4.0,
                   gamma=0.1, n_max=1),
 }
@@ -293,10 +316,20 @@ def confidence_of(probs_BxWxV, kind):
   return 1.0 - entropy / jnp.log(probs_BxWxV.shape[-1])
 
 
+def ramp_floor(W, K):
+  """[W]: the lowest t of window position j under policy.ramp, floor(j K / W) / K: the window
+  in K groups of W / K positions (one group when K = 1, so every latent may reach 0)."""
+  return jnp.floor(jnp.arange(W) * K / W) / K
+
+
 def next_times(policy, t_BxW, conf_BxW, t_hat_BxW):
-  """t'_i: a fixed step 1/K, or evo's adaptive step (and optional re-noising)."""
+  """t'_i: a fixed step 1/K (no lower than its ramp floor with policy.ramp), or evo's adaptive
+  step (and optional re-noising)."""
   if not policy.adaptive:
-    return jnp.maximum(0.0, t_BxW - 1.0 / policy.steps)
+    t_new = jnp.maximum(0.0, t_BxW - 1.0 / policy.steps)
+    if policy.ramp:
+      t_new = jnp.maximum(t_new, ramp_floor(t_BxW.shape[1], policy.steps)[None])
+    return t_new
   lo, hi = policy.delta_min, policy.delta_max
   delta = lo + (hi - lo) * conf_BxW ** policy.sharpness   # confident tokens mature fast
   if policy.use_time_head:
@@ -336,11 +369,11 @@ def flow_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_hat_BxWxD, noise, rng):
   return a_new[..., None] * e_hat_BxWxD + s_new[..., None] * eps_hat
 
 
-def bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_BxWxD, rng):
+def bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_BxWxD, rng, noise=1.0):
   """A draw of z_t' from q(z_t' | z_t, x) for t' < t, the path's posterior given the clean
   latent e = e(x) (VDM, Kingma et al. 2021, eq. 33 with a_t|t' = a_t / a_t'): mean
   (a_t|t' s_t'^2 z_t + a_t' s_t|t'^2 e) / s_t^2, variance s_t|t'^2 s_t'^2 / s_t^2, where
-  s_t|t'^2 = s_t^2 - a_t|t'^2 s_t'^2. At t' = 0 it is e itself."""
+  s_t|t'^2 = s_t^2 - a_t|t'^2 s_t'^2, the noise scaled by `noise`. At t' = 0 it is e itself."""
   a, s = sched.alpha_sigma(t_BxW)
   a_new, s_new = sched.alpha_sigma(t_new_BxW)
   a_ts = a / jnp.maximum(a_new, 1e-6)
@@ -349,7 +382,7 @@ def bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_BxWxD, rng):
   mean = ((a_ts * jnp.square(s_new) / s2)[..., None] * z_BxWxD
           + (a_new * var_ts / s2)[..., None] * e_BxWxD)
   std = jnp.sqrt(var_ts * jnp.square(s_new) / s2)
-  return mean + std[..., None] * jax.random.normal(rng, z_BxWxD.shape)
+  return mean + noise * std[..., None] * jax.random.normal(rng, z_BxWxD.shape)
 
 
 def latent_update(policy, sched, z_BxWxD, t_BxW, t_new_BxW, logits_BxWxV, e_VxD, rng,
@@ -358,7 +391,8 @@ def latent_update(policy, sched, z_BxWxD, t_BxW, t_new_BxW, logits_BxWxV, e_VxD,
   if policy.update == "ancestral":
     k_pick, k_noise = jax.random.split(rng)
     x = choose_tokens(k_pick, logits_BxWxV, temperature, top_p)
-    return bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_VxD[x], k_noise)
+    return bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_VxD[x], k_noise,
+                         policy.bridge_noise)
   e_hat = jax.nn.softmax(logits_BxWxV, axis=-1) @ e_VxD
   return flow_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_hat, policy.noise, rng)
 
@@ -378,7 +412,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   G = max_new_tokens
   S = P + G                                # cache and token buffer length
   W = policy.resolved_window(G)
-  n_max = policy.resolved_n_max()
+  n_max = policy.resolved_n_max(G)
   # A commit at least every n_max iterations (verify: at least one token every pass).
   max_iters = G if policy.readout == "clean" else n_max * G
   D = cfg.d_model

@@ -26,14 +26,15 @@ WEIGHTINGS = ("ce", "elbo")
 
 
 def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None,
-                       self_cond_BxLxD=None):
+                       self_cond_BxLxD=None, e_VxD=None):
   """One attention call over [clean stream | latent stream] (length 2L).
 
   Returns clean-stream logits [B, L, V], latent-stream logits [B, L, V], latent t_hat [B, L].
   With model.posterior_logits, the latent logits include each latent's own log-likelihood
   under every token (schedule.posterior_logits; it is zero at t = 1, where the AR path passes
   no schedule). self_cond_BxLxD: the latents' self-conditioning input (model.self_conditioning;
-  None: zeros).
+  None: zeros). e_VxD: the latent table of the posterior term (None: latent_table's, without
+  gradient).
   """
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
   B, L = tokens.shape
@@ -50,31 +51,34 @@ def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B,
       None if self_cond_BxLxD is None else both(jnp.zeros_like(z_BxLxD), self_cond_BxLxD))
   logits_z = logits[:, L:]
   if model.cfg.posterior_logits and sched is not None:
-    logits_z = logits_z + schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL,
-                                                        latent_table(model, params))
+    table = latent_table(model, params) if e_VxD is None else e_VxD
+    logits_z = logits_z + schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL, table)
   return logits[:, :L], logits_z, t_hat[:, L:]
 
 
 def self_conditioned_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched,
-                             use_B=None):
+                             use_B=None, e_VxD=None):
   """two_stream_forward as model.self_conditioning wants it: a first pass gives e_hat (no
   gradient flows back through it), and the second pass reads it as the latents'
   self-conditioning input, on the rows of use_B (all rows when None) and zeros elsewhere.
-  Without the option: the one pass."""
+  Without the option: the one pass. e_VxD: as two_stream_forward's."""
   args = (model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched)
   if model.cfg.self_conditioning == "none":
-    return two_stream_forward(*args)
-  _, first, _ = two_stream_forward(*args)
-  e_hat = jax.lax.stop_gradient(predicted_latent(first, latent_table(model, params)))
+    return two_stream_forward(*args, e_VxD=e_VxD)
+  _, first, _ = two_stream_forward(*args, e_VxD=e_VxD)
+  table = latent_table(model, params) if e_VxD is None else e_VxD
+  e_hat = jax.lax.stop_gradient(predicted_latent(first, table))
   if use_B is not None:
     e_hat = jnp.where(use_B[:, None, None], e_hat, 0.0)
-  return two_stream_forward(*args, self_cond_BxLxD=e_hat)
+  return two_stream_forward(*args, self_cond_BxLxD=e_hat, e_VxD=e_VxD)
 
 
-def latent_table(model, params):
-  """e(v) for all v. Gradients are stopped: latents are targets and inputs of the path, and
-  letting the loss move them invites the table to collapse toward a point."""
-  return jax.lax.stop_gradient(model.apply(params, method=EvoTransformer.latent_table))
+def latent_table(model, params, trainable=False):
+  """e(v) for all v. Gradients are stopped unless `trainable` (loss.latent_table_grad):
+  latents are targets and inputs of the path, and a loss that moves them may pull the table
+  together; trained, the latent losses also shape the (tied) embedding."""
+  table = model.apply(params, method=EvoTransformer.latent_table)
+  return table if trainable else jax.lax.stop_gradient(table)
 
 
 def token_xent(logits_BxLxV, tokens_BxL):
@@ -107,19 +111,25 @@ def _masked_sum(x, mask):
   return jnp.sum(jnp.where(mask, x, 0.0))
 
 
-def sample_draws(rng, cfg, batch, step):
+def sample_draws(rng, cfg, batch, step, t_density=None):
   """Everything random in a training step, drawn for the whole batch at once: per-token times,
   per-sequence window and offset, and the noise. Drawing them before any split into
   micro-batches keeps gradient accumulation equal to one big step (and the stratification of
-  t across the whole batch)."""
+  t across the whole batch). t_density: the t bins' probabilities (progression.t_base
+  adaptive); the draws then also hold each t's density, for the `elbo` weighting."""
   B, L = batch["tokens"].shape
   k_prog, k_eps = jax.random.split(rng)
-  t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step)
+  t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step,
+                                                 t_density)
   eps_BxLxD = jax.random.normal(k_eps, (B, L, cfg.model.d_model))
   # Its own key (folded in, so the other draws are those of a run without the option).
   self_cond_B = jax.random.bernoulli(jax.random.fold_in(rng, 7), cfg.loss.self_cond_prob, (B,))
   # Sharded like the tokens, so no device holds (or draws) another's rows.
-  return {"t": constrain(t_BxL, ("batch", "length")),
+  extra = {}
+  if t_density is not None:
+    extra["t_pdf"] = constrain(progression.base_density(cfg.progression, t_BxL, t_density),
+                                   ("batch", "length"))
+  return {**extra, "t": constrain(t_BxL, ("batch", "length")),
           "window": constrain(window_B, ("batch",)),
           "offset": constrain(offset_B, ("batch",)),
           "eps": constrain(eps_BxLxD, ("batch", "length", "embed")),
@@ -168,11 +178,12 @@ def make_loss_on_draws(model, cfg):
   def loss_fn(params, batch, draws, counts):
     tokens = batch["tokens"]
     t_BxL, window_B, offset_B = draws["t"], draws["window"], draws["offset"]
-    e_VxD = latent_table(model, params)
+    e_VxD = latent_table(model, params, trainable=lcfg.latent_table_grad)
     e_BxLxD = e_VxD[tokens]
     z_BxLxD = sched.noise(e_BxLxD, t_BxL, draws["eps"])
     logits_c, logits_z, t_hat = self_conditioned_forward(
-        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched, draws["self_cond"])
+        model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched, draws["self_cond"],
+        e_VxD=e_VxD)
 
     mask = loss_mask(batch)
     n_tok = counts["latent"]
@@ -185,7 +196,9 @@ def make_loss_on_draws(model, cfg):
     else:
       tc = jnp.clip(t_BxL, t_lo, t_hi)
       lam, dlam_dt = jax.jvp(sched.log_snr, (tc,), (jnp.ones_like(tc),))
-      weight = 0.5 * jnp.exp(lam) * jnp.abs(dlam_dt) / progression.base_density(cfg.progression, tc)
+      density = (draws["t_pdf"] if "t_pdf" in draws
+                 else progression.base_density(cfg.progression, tc))
+      weight = 0.5 * jnp.exp(lam) * jnp.abs(dlam_dt) / density
       main_BxL = jnp.where(t_BxL >= t_hi, 0.0, weight * mse_BxL)
     loss = _masked_sum(main_BxL, mask) / n_tok
     if lcfg.flow_weight > 0:
@@ -213,6 +226,12 @@ def make_loss_on_draws(model, cfg):
         "ce_by_t_sum": jnp.sum(jnp.where(in_bucket, ce_BxL[..., None], 0.0), axis=(0, 1)),
         "ce_by_t_count": jnp.sum(in_bucket, axis=(0, 1)),
     }
+    n_bins = progression.adaptive_bins(cfg.progression)
+    if n_bins:   # what the adaptive t distribution learns from (t = 1 is not its to draw)
+      in_bin = ((progression.t_bin(t_BxL, n_bins)[..., None] == jnp.arange(n_bins))
+                & (mask & (t_BxL < 1.0))[..., None])
+      aux["ce_by_bin_sum"] = jnp.sum(jnp.where(in_bin, ce_BxL[..., None], 0.0), axis=(0, 1))
+      aux["ce_by_bin_count"] = jnp.sum(in_bin, axis=(0, 1))
     return loss, aux
 
   return loss_fn

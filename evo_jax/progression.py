@@ -12,7 +12,7 @@ from evo_jax import attention
 from evo_jax.errors import ConfigError
 
 PATTERNS = ("shared", "ramp", "independent")
-BASES = ("uniform", "logit_normal")
+BASES = ("uniform", "logit_normal", "adaptive")
 
 
 def check_config(cfg):
@@ -38,6 +38,47 @@ def check_config(cfg):
     raise ConfigError(f"progression.p_t_one must be in [0, 1], got {cfg.p_t_one}")
   if cfg.logit_normal_std <= 0:
     raise ConfigError(f"progression.logit_normal_std must be > 0, got {cfg.logit_normal_std}")
+  if cfg.t_base == "adaptive":
+    if cfg.adaptive_bins < 2:
+      raise ConfigError(f"progression.adaptive_bins must be >= 2, got {cfg.adaptive_bins}")
+    if not 0 < cfg.adaptive_floor <= 1:
+      raise ConfigError(f"progression.adaptive_floor must be in (0, 1] (the uniform share that "
+                        f"keeps mass at every t), got {cfg.adaptive_floor}")
+    if not 0 <= cfg.adaptive_decay < 1:
+      raise ConfigError(f"progression.adaptive_decay must be in [0, 1), got "
+                        f"{cfg.adaptive_decay}")
+
+
+def adaptive_bins(cfg):
+  """The number of t bins whose loss the train state tracks (0 unless t_base is adaptive)."""
+  return int(cfg.adaptive_bins) if cfg.t_base == "adaptive" else 0
+
+
+def adaptive_density(cfg, ce_by_bin):
+  """[n] probabilities of the n equal t bins (time warping, as CDCD's: the cumulative latent
+  cross-entropy as a function of t is the CDF to sample from, so t goes where the loss still
+  changes with t): each bin's rise of the running mean CE over the bin before (the first bin:
+  over 0), clipped at 0, normalised, mixed with a uniform share adaptive_floor. All rises 0 (a
+  fresh run): uniform."""
+  rise = jnp.maximum(jnp.diff(ce_by_bin, prepend=0.0), 0.0)
+  total = jnp.sum(rise)
+  n = ce_by_bin.shape[0]
+  shaped = jnp.where(total > 0, rise / jnp.maximum(total, 1e-30), 1.0 / n)
+  return cfg.adaptive_floor / n + (1.0 - cfg.adaptive_floor) * shaped
+
+
+def update_bin_ce(cfg, ce_by_bin, sums, counts):
+  """The running mean CE per bin after one step's sums and counts (bins without a token in
+  this step keep their value; a bin's first value is its first mean)."""
+  mean = sums / jnp.maximum(counts, 1)
+  fresh = ce_by_bin == 0
+  decay = jnp.where(fresh, 0.0, cfg.adaptive_decay)
+  return jnp.where(counts > 0, decay * ce_by_bin + (1 - decay) * mean, ce_by_bin)
+
+
+def t_bin(t, n):
+  """The bin of each t < 1 among n equal bins of [0, 1)."""
+  return jnp.clip(jnp.floor(t * n), 0, n - 1).astype(jnp.int32)
 
 
 def window_sizes(cfg, seq_len):
@@ -57,18 +98,30 @@ def window_probs(cfg, step):
   return probs
 
 
-def base_times(cfg, u):
-  """Maps uniforms in [0, 1) to the base distribution of t (monotone, so stratification holds)."""
-  if cfg.t_base == "uniform":
+def base_times(cfg, u, density=None):
+  """Maps uniforms in [0, 1) to the base distribution of t (monotone, so stratification holds).
+  adaptive: the inverse CDF of the piecewise-constant `density` over equal bins (None: a
+  fresh run's, uniform)."""
+  if cfg.t_base == "uniform" or (cfg.t_base == "adaptive" and density is None):
     return u
+  if cfg.t_base == "adaptive":
+    n = density.shape[0]
+    cdf = jnp.cumsum(density)
+    b = jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, n - 1)
+    below = jnp.where(b > 0, cdf[jnp.maximum(b - 1, 0)], 0.0)
+    inside = jnp.clip((u - below) / density[b], 0.0, 1.0 - 1e-6)
+    return (b + inside) / n
   z = ndtri(jnp.clip(u, 1e-6, 1 - 1e-6))
   return jax.nn.sigmoid(cfg.logit_normal_mean + cfg.logit_normal_std * z)
 
 
-def base_density(cfg, t):
+def base_density(cfg, t, density=None):
   """Density of base_times' output at t (the importance weight of the `elbo` weighting)."""
-  if cfg.t_base == "uniform":
+  if cfg.t_base == "uniform" or (cfg.t_base == "adaptive" and density is None):
     return jnp.ones_like(t)
+  if cfg.t_base == "adaptive":
+    n = density.shape[0]
+    return n * density[t_bin(t, n)]
   t = jnp.clip(t, 1e-6, 1 - 1e-6)
   logit = jnp.log(t) - jnp.log1p(-t)
   std = cfg.logit_normal_std
@@ -88,8 +141,9 @@ def stratified_uniforms(rng, batch_size, seq_len, stratified):
   return jnp.mod(shift_L[None, :] + rank_BxL / batch_size, 1.0)
 
 
-def sample(rng, cfg, batch_size, seq_len, step):
-  """Returns t [B, L] in [0, 1], window size [B] and offset [B] (int32)."""
+def sample(rng, cfg, batch_size, seq_len, step, density=None):
+  """Returns t [B, L] in [0, 1], window size [B] and offset [B] (int32). density: the bins'
+  probabilities when t_base is adaptive (adaptive_density)."""
   k_w, k_o, k_p, k_u, k_one = jax.random.split(rng, 5)
   sizes = jnp.asarray(window_sizes(cfg, seq_len), jnp.int32)
   probs = window_probs(cfg, step)
@@ -108,10 +162,10 @@ def sample(rng, cfg, batch_size, seq_len, step):
   one_win = jnp.take_along_axis(one_BxL, start_BxL, axis=1)
   k_in_window = jnp.mod(i_L[None, :] + o_B[:, None], W_B[:, None])
 
-  shared = base_times(cfg, u_win)
+  shared = base_times(cfg, u_win, density)
   # ramp: position k of a window gets (k + u) / W, rising left to right like a decoding front.
-  ramp = base_times(cfg, (k_in_window + u_win) / W_B[:, None])
-  independent = base_times(cfg, u_BxL)
+  ramp = base_times(cfg, (k_in_window + u_win) / W_B[:, None], density)
+  independent = base_times(cfg, u_BxL, density)
   t_BxL = jnp.select(
       [pattern_B[:, None] == 0, pattern_B[:, None] == 1], [shared, ramp], independent)
   to_one = jnp.where(pattern_B[:, None] == 2, one_BxL, one_win)

@@ -15,6 +15,7 @@ import optax
 
 from evo_jax import checkpoint
 from evo_jax import model as model_lib
+from evo_jax import progression
 from evo_jax import sharding
 
 
@@ -23,6 +24,22 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: optax.OptState
+
+
+@flax.struct.dataclass
+class AdaptiveTrainState(TrainState):
+  """The state of a run with progression.t_base = adaptive: also the running mean latent
+  cross-entropy per t bin, from which its t distribution is drawn (progression.py). A class of
+  its own, so that every other run's checkpoints keep their structure."""
+  ce_by_bin: jax.Array
+
+
+def make_state(step, params, opt_state, t_bins=0):
+  """A TrainState, or with t_bins > 0 an AdaptiveTrainState whose bins start at 0 (unseen)."""
+  if not t_bins:
+    return TrainState(step=step, params=params, opt_state=opt_state)
+  return AdaptiveTrainState(step=step, params=params, opt_state=opt_state,
+                            ce_by_bin=jnp.zeros((t_bins,), jnp.float32))
 
 
 def learning_rate_fn(ocfg, total_steps):
@@ -61,17 +78,18 @@ def init_params(model, rng, seq_len=8, unbox=True):
   return nn.meta.unbox(variables) if unbox else variables
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx", "unbox"))
-def init_state(model, tx, rng, unbox=True):
-  """A fresh train state: step 0, fresh parameters and optimizer moments."""
+@functools.partial(jax.jit, static_argnames=("model", "tx", "unbox", "t_bins"))
+def init_state(model, tx, rng, unbox=True, t_bins=0):
+  """A fresh train state: step 0, fresh parameters and optimizer moments (make_state)."""
   params = init_params(model, rng, unbox=unbox)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return make_state(jnp.zeros((), jnp.int32), params, tx.init(params), t_bins)
 
 
-def state_shardings(model, tx, mesh, rules):
+def state_shardings(model, tx, mesh, rules, t_bins=0):
   """The NamedSharding of every leaf of the train state: the optimizer's moments follow their
-  parameters, scalars are replicated."""
-  boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False), jax.random.key(0))
+  parameters, scalars (and the t bins) are replicated."""
+  boxed = jax.eval_shape(lambda r: init_state(model, tx, r, unbox=False, t_bins=t_bins),
+                         jax.random.key(0))
   return sharding.tree_shardings(boxed, mesh, rules)
 
 
@@ -89,7 +107,9 @@ def state_layout(cfg, mesh) -> StateLayout:
   a config: the model, the optimizer and the train state's layout on `mesh`."""
   model = model_lib.EvoTransformer(model_lib.from_config(cfg.model))
   tx = make_optimizer(cfg.optim, cfg.train.steps)
-  shardings = state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules))
-  init = lambda rng: init_state(model, tx, rng)
+  t_bins = progression.adaptive_bins(cfg.progression)
+  shardings = state_shardings(model, tx, mesh, sharding.logical_rules(cfg.sharding.rules),
+                              t_bins)
+  init = lambda rng: init_state(model, tx, rng, t_bins=t_bins)
   abstract = checkpoint.abstract_like(jax.eval_shape(init, jax.random.key(cfg.seed)), shardings)
   return StateLayout(model, tx, shardings, abstract, jax.jit(init, out_shardings=shardings))

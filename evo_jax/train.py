@@ -26,6 +26,7 @@ from evo_jax import guards
 from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
 from evo_jax import metrics as metrics_lib
+from evo_jax import progression
 from evo_jax import model as model_lib
 from evo_jax import run as run_lib
 from evo_jax import sharding
@@ -61,18 +62,25 @@ def make_train_step(model, tx, cfg):
     (grads, aux), _ = jax.lax.scan(accumulate, zeros, micro)
     return grads, aux
 
+  adaptive = progression.adaptive_bins(cfg.progression) > 0
+
   def train_step(state, batch):
     rng = jax.random.fold_in(base_key, state.step)
-    draws = loss_lib.sample_draws(rng, cfg, batch, state.step)
+    density = (progression.adaptive_density(cfg.progression, state.ce_by_bin) if adaptive
+               else None)
+    draws = loss_lib.sample_draws(rng, cfg, batch, state.step, density)
     grads, aux = gradients(state.params, batch, draws, loss_lib.token_counts(batch))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     aux["grad_norm"] = optax.tree.norm(grads)
     aux["finite"] = jnp.isfinite(aux["loss"]) & jnp.isfinite(aux["grad_norm"])
+    new = dict(params=params, opt_state=opt_state)
+    if adaptive:
+      new["ce_by_bin"] = progression.update_bin_ce(
+          cfg.progression, state.ce_by_bin, aux.pop("ce_by_bin_sum"), aux.pop("ce_by_bin_count"))
     if cfg.train.on_nonfinite == "skip":   # a non-finite step leaves the state as it was
-      params, opt_state = guards.keep_if_finite(
-          aux["finite"], (params, opt_state), (state.params, state.opt_state))
-    return state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state), aux
+      new = guards.keep_if_finite(aux["finite"], new, {k: getattr(state, k) for k in new})
+    return state.replace(step=state.step + 1, **new), aux
 
   return train_step
 

@@ -191,10 +191,23 @@ def test_diffusion_and_block_forward_counts(model_params):
   assert all(len(n) == G for n in out["new"])
   np.testing.assert_array_equal(out["committed_at"], K - 1)
   for update in ("flow", "ancestral"):
-    out = run(model_params, decoding.make_policy("block", window=4, steps=3, update=update))
+    out = run(model_params, decoding.make_policy("block", window=4, steps=3, update=update,
+                                                 ramp=False))
     np.testing.assert_array_equal(out["nfe"], [3 * G // 4] * len(PROMPTS))
     np.testing.assert_array_equal(out["committed_at"][:, :8],
                                   [[2] * 4 + [5] * 4] * len(PROMPTS))
+
+
+@pytest.mark.parametrize("K, first_commit, every", [(2, 1, 0.5), (4, 3, 1), (8, 7, 2)])
+def test_the_ramp_is_a_rolling_front(model_params, K, first_commit, every):
+  """block with ramp, W = 4: the first tokens commit after K passes, then W / K a pass; the
+  window's times rise left to right at every pass."""
+  out = run(model_params, decoding.make_policy("block", window=4, steps=K, ramp=True),
+            record=True)
+  expected = first_commit + (np.arange(G) // 2 if every == 0.5 else np.arange(G) * every)
+  np.testing.assert_array_equal(out["committed_at"], [expected] * len(PROMPTS))
+  np.testing.assert_array_equal(out["nfe"], [expected[-1] + 1] * len(PROMPTS))
+  assert np.all(np.diff(out["trajectory"], axis=2) >= 0)
 
 
 def test_self_conditioning_starts_as_nothing_and_feeds_the_last_estimate(model_params):
@@ -219,7 +232,7 @@ def test_self_conditioning_starts_as_nothing_and_feeds_the_last_estimate(model_p
 def test_the_ancestral_bridge_keeps_the_paths_marginal():
   """z_t = a(t) e + s(t) eps, then z_t' drawn from q(z_t' | z_t, x): over many draws z_t' has
   the path's own marginal at t', mean a(t') e and variance s(t')^2 per dimension; at t' = 0 it
-  is e exactly."""
+  is e exactly; with no fresh noise (bridge_noise = 0) it stays on the noise-free line."""
   sched = schedule_lib.Schedule("linear", 3.0)
   n, D = 20000, 16
   e = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (1, 1, D)), (n, 1, D))
@@ -227,10 +240,15 @@ def test_the_ancestral_bridge_keeps_the_paths_marginal():
   z = sched.noise(e, t, jax.random.normal(jax.random.key(1), (n, 1, D)))
   z_new = decoding.bridge_update(sched, z, t, jnp.full((n, 1), 0.5), e, jax.random.key(2))
   a, s = (float(x) for x in sched.alpha_sigma(jnp.float32(0.5)))
+  a_t = float(sched.alpha_sigma(jnp.float32(0.8))[0])
   np.testing.assert_allclose(np.mean(z_new, 0), a * e[0], atol=5 * s / np.sqrt(n))
   np.testing.assert_allclose(np.var(z_new, 0), s * s, rtol=0.05)
   at_zero = decoding.bridge_update(sched, z, t, jnp.zeros((n, 1)), e, jax.random.key(3))
   np.testing.assert_allclose(at_zero, e, atol=1e-6)
+  # bridge_noise = 0: the bridge's mean, which from a noise-free a(t) e is a(t') e.
+  mean = decoding.bridge_update(sched, a_t * e[:1], t[:1], jnp.full((1, 1), 0.5), e[:1],
+                                jax.random.key(4), noise=0.0)
+  np.testing.assert_allclose(mean, a * e[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_eos_and_context_stops(model_params):
@@ -312,6 +330,8 @@ def test_bad_input_is_a_one_line_error(model_params):
       (lambda: decoding.make_policy("evo", delta_min=0.0), "delta_min"),
       (lambda: decoding.make_policy("verify", accept_ratio=0.0), "accept_ratio"),
       (lambda: decoding.make_policy("block", update="snap"), "update must be one of"),
+      (lambda: decoding.make_policy("evo", ramp=True), "ramp is a schedule of the fixed"),
+      (lambda: decoding.make_policy("block", bridge_noise=2.0), "bridge_noise must be in"),
       (lambda: gen([[]]), "prompt 1 is empty"),
       (lambda: gen([[4], list(range(CONTEXT))]), "prompt 2 has 32 tokens"),
       (lambda: gen([[4]], max_new_tokens=0), "max_new_tokens"),

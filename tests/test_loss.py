@@ -125,6 +125,33 @@ def test_loss_masks_padding_and_prompt(small_cfg):
   assert int(loss_lib.token_counts(prompt)["latent"]) == 16
 
 
+def test_a_trained_latent_table_gets_the_latent_gradients(small_cfg):
+  """loss.latent_table_grad: the latent losses also move e(v) = E / rms(E), through the noised
+  input, the target and the posterior term. At t = 1 a latent is pure noise and carries none of
+  e, so the gradient is the stop-gradient one; at t = 0.5 it is not."""
+  model = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
+  params = state_lib.init_params(model, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+  batch = {"tokens": tokens, "segment_ids": jnp.ones((2, 16), jnp.int32),
+           "positions": jnp.tile(jnp.arange(16), (2, 1))}
+  draws = jax.jit(lambda r, b: loss_lib.sample_draws(r, small_cfg, b, 0))(jax.random.key(2), batch)
+
+  def embedding_grad(trainable):
+    cfg = small_cfg.copy_and_resolve_references()   # the loss reads it when traced
+    cfg.loss.latent_table_grad = trainable
+    loss_fn = loss_lib.make_loss_on_draws(model, cfg)
+    grad = jax.jit(jax.grad(lambda p, t: loss_fn(p, batch, dict(draws, t=jnp.full((2, 16), t)),
+                                                 loss_lib.token_counts(batch))[0]))
+    return lambda t: np.asarray(grad(params, t)["params"]["embedding"])
+
+  trained, stopped = embedding_grad(True), embedding_grad(False)
+  # (to float rounding: a traced t = 1 gives a(1) within an ulp of 0)
+  same, plain = trained(1.0), stopped(1.0)
+  assert np.abs(same - plain).max() < 1e-3 * np.abs(plain).max()
+  moved, plain = trained(0.5), stopped(0.5)
+  assert np.abs(moved - plain).max() > 0.1 * np.abs(plain).max()
+
+
 @pytest.mark.parametrize("weighting,flow,self_cond", [("elbo", 0.0, "none"),
                                                       ("ce", 0.5, "e_hat")])
 def test_other_objectives_train(small_cfg, weighting, flow, self_cond):

@@ -1,9 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from evo_jax import attention
 from evo_jax import progression
+from evo_jax.errors import ConfigError
 
 
 def draw(cfg, B=256, L=32, step=0, seed=0):
@@ -57,3 +59,46 @@ def test_curriculum_moves_from_start_to_end(small_cfg):
   assert np.all(W0 == 1)
   np.testing.assert_allclose(progression.window_probs(p, 100), np.asarray(p.window_probs))
   np.testing.assert_allclose(progression.window_probs(p, 50), [0.7, 0.1, 0.1, 0.1], rtol=1e-6)
+
+
+def test_the_adaptive_t_distribution_follows_the_rise_of_the_loss(small_cfg):
+  """t_base = adaptive: the bins' probabilities sum to 1, are uniform for a fresh run, put the
+  most mass where the running cross-entropy rises, and never less than the uniform floor;
+  base_times maps stratified uniforms onto that density, and base_density integrates to 1."""
+  p = small_cfg.progression
+  p.update(t_base="adaptive", adaptive_bins=10, adaptive_floor=0.2)
+  progression.check_config(p)
+  fresh = progression.adaptive_density(p, jnp.zeros(10))
+  np.testing.assert_allclose(fresh, 0.1, rtol=1e-6)
+  ce = jnp.asarray([0.0, 0.0, 0.1, 0.2, 3.0, 5.0, 5.5, 5.6, 5.6, 5.5])   # rises at bins 4-5
+  density = progression.adaptive_density(p, ce)
+  np.testing.assert_allclose(float(jnp.sum(density)), 1.0, rtol=1e-6)
+  assert set(np.argsort(-np.asarray(density))[:2]) == {4, 5}
+  assert float(jnp.min(density)) >= 0.2 / 10 - 1e-7
+  u = (jnp.arange(100_000) + 0.5) / 100_000
+  t = np.asarray(progression.base_times(p, u, density))
+  assert np.all(np.diff(t) >= 0) and 0 <= t.min() and t.max() < 1
+  np.testing.assert_allclose(np.histogram(t, bins=10, range=(0, 1))[0] / len(t), density,
+                             atol=1e-4)
+  grid = (jnp.arange(10_000) + 0.5) / 10_000
+  np.testing.assert_allclose(float(jnp.mean(progression.base_density(p, grid, density))), 1.0,
+                             rtol=1e-5)
+  # The running means: a bin's first value is its first mean, then an EMA; unseen bins stay.
+  first = progression.update_bin_ce(p, jnp.zeros(10), jnp.full(10, 2.0),
+                                    jnp.asarray([1] * 9 + [0]))
+  np.testing.assert_allclose(first, [2.0] * 9 + [0.0])
+  again = progression.update_bin_ce(p, first, jnp.full(10, 4.0), jnp.full(10, 1))
+  np.testing.assert_allclose(again[0], 0.99 * 2.0 + 0.01 * 4.0, rtol=1e-6)
+
+
+def test_adaptive_config_errors_are_one_line(small_cfg):
+  p = small_cfg.progression
+  p.t_base = "adaptive"
+  for field, value, fragment in [("adaptive_floor", 0.0, "mass at every t"),
+                                 ("adaptive_bins", 1, "adaptive_bins must be >= 2"),
+                                 ("adaptive_decay", 1.0, "adaptive_decay must be in [0, 1)")]:
+    cfg = p.copy_and_resolve_references()
+    cfg[field] = value
+    with pytest.raises(ConfigError) as e:
+      progression.check_config(cfg)
+    assert fragment in str(e.value) and "\n" not in str(e.value)

@@ -4,6 +4,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,13 +99,15 @@ def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
 
 def sharded_step(cfg, batch, mesh_sizes, devices):
   """One step of a fresh model as the Trainer runs it (train.build_step: jit_train_step with
-  its shardings, donation and activation constraints) on a mesh: (loss, new params)."""
+  its shardings, donation and activation constraints) on a mesh: (loss, the new running CE
+  per t bin (None unless progression.t_base is adaptive), new params)."""
   cfg.mesh.update(data=mesh_sizes[0], fsdp=mesh_sizes[1], tensor=mesh_sizes[2])
   cfg.data.batch_size = len(batch["tokens"])
   step = train.build_step(cfg, devices)
   state = step.init(jax.random.key(0))
   new_state, aux = step.fn(state, sharding.global_batch(batch, step.mesh))
-  return float(aux["loss"]), jax.device_get(new_state.params)
+  return float(aux["loss"]), jax.device_get(getattr(new_state, "ce_by_bin", None)), \
+      jax.device_get(new_state.params)
 
 
 @pytest.mark.parametrize("layout", ["blocks", "scanned_chunked"])
@@ -115,18 +118,42 @@ def test_sharded_steps_equal_single_device(small_cfg, layout):
   Each axis splits in two, so the data split, the FSDP gathers and the tensor-parallel
   reductions all happen in the one step."""
   assert len(jax.devices()) == 8, "conftest simulates 8 CPU devices"
-  if layout == "scanned_chunked":
+  if layout == "scanned_chunked":   # ... with the adaptive t distribution's state, too
     small_cfg.model.update(scan_layers=True, attention="chunked", attention_chunk=8)
+    small_cfg.progression.t_base = "adaptive"
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(4, 64, (8, 16)).astype(np.int32),
            "segment_ids": np.repeat(np.asarray([[1] * 10 + [2] * 6]), 8, 0).astype(np.int32),
            "positions": np.repeat(np.asarray([list(range(10)) + list(range(6))]), 8, 0)
                         .astype(np.int32)}
-  loss1, params1 = sharded_step(small_cfg, batch, (1, 1, 1), jax.devices()[:1])
-  loss8, params8 = sharded_step(small_cfg, batch, (2, 2, 2), jax.devices())
+  loss1, bins1, params1 = sharded_step(small_cfg, batch, (1, 1, 1), jax.devices()[:1])
+  loss8, bins8, params8 = sharded_step(small_cfg, batch, (2, 2, 2), jax.devices())
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  if layout == "scanned_chunked":   # the running CE of the bins the batch's t fell in
+    assert np.sum(bins1 > 0) > 1
+    np.testing.assert_allclose(bins8, bins1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_adaptive_state_saves_and_restores(small_cfg, tmp_path):
+  """With progression.t_base = adaptive the train state also holds the running CE per t bin:
+  it is saved and restored with the rest (so a resumed run draws the t an uninterrupted one
+  would), and a run without the option keeps the plain state."""
+  small_cfg.progression.t_base = "adaptive"
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  layout = state_lib.state_layout(small_cfg, mesh)
+  state = layout.init(jax.random.key(0))
+  state = state.replace(ce_by_bin=jnp.linspace(0.0, 5.0, small_cfg.progression.adaptive_bins))
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path), async_save=False)
+  ckpts.save(1, state, None, small_cfg.to_dict())
+  restored = ckpts.restore(1, layout.abstract)
+  ckpts.close()
+  assert isinstance(restored, state_lib.AdaptiveTrainState)
+  for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  small_cfg.progression.t_base = "uniform"
+  assert type(state_lib.state_layout(small_cfg, mesh).abstract) is state_lib.TrainState
 
 
 def test_gradient_accumulation_equals_one_big_step(small_cfg):
