@@ -1,6 +1,8 @@
-"""`python -m evo_jax.ablations`: a table's command, run on a small model for one step, trains
-its rows and writes one row of held-out and decoding numbers per run; the second table reuses
-the reference row the first one trained; every row of every table is a valid config."""
+"""`python -m evo_jax.ablations`: each table's command, run on a small model for one step
+(with two rows and one: every row trains the same way, and a row costs a compile of its train
+step), trains its rows and writes one row of held-out and decoding numbers per run; the second
+table reuses the reference row the first one trained; every row of every table is a valid
+config."""
 import csv
 import json
 import math
@@ -36,9 +38,9 @@ def test_a_table_trains_its_rows_and_writes_them(stdlib_tokenizer, tmp_path, mon
   out = tmp_path / "ablations"
   common = ["--out", str(out), *DECODE, *SMALL, *FEW_STEPS,
             f"--config.data.tokenizer={stdlib_tokenizer}"]
-  ablations.main(["progression", *common])
+  ablations.main(["progression", "--rows", "evo,ar", *common])
   lines = read_table(out, "progression")
-  assert [r["row"] for r in lines] == list(ablations.TABLES["progression"])
+  assert [r["row"] for r in lines] == ["evo", "ar"]
   for r in lines:
     for column in ("AR-path ppl", "clean ppl", "bound W=1 bpt", "bound W=L bpt", "W=L / AR",
                    "block tok/fwd", "block AR-NLL"):
@@ -48,13 +50,11 @@ def test_a_table_trains_its_rows_and_writes_them(stdlib_tokenizer, tmp_path, mon
   assert saved["progression"]["window_sizes"] == [1] and saved["progression"]["p_t_one"] == 1.0
   assert saved["train"]["steps"] == 1
 
-  # The second table reads the reference row the first one trained (and trains the rest).
+  # The second table reads the reference row the first one trained.
   trained = (out / "reference" / "metrics.jsonl").read_text()
-  ablations.main(["conditioning", "--rows", "adaln,self_conditioning", *common])
+  ablations.main(["conditioning", "--rows", "adaln", *common])
   assert (out / "reference" / "metrics.jsonl").read_text() == trained
-  assert [r["row"] for r in read_table(out, "conditioning")] == ["adaln", "self_conditioning"]
-  assert json.loads((out / "self_conditioning" / "config.json").read_text())["model"][
-      "self_conditioning"] == "e_hat"
+  assert read_table(out, "conditioning")[0]["AR-path ppl"] == lines[0]["AR-path ppl"]
 
 
 def test_every_row_is_a_valid_config():

@@ -198,7 +198,7 @@ def test_diffusion_and_block_forward_counts(model_params):
                                   [[2] * 4 + [5] * 4] * len(PROMPTS))
 
 
-@pytest.mark.parametrize("K, first_commit, every", [(2, 1, 0.5), (4, 3, 1), (8, 7, 2)])
+@pytest.mark.parametrize("K, first_commit, every", [(2, 1, 0.5), (8, 7, 2)])
 def test_the_ramp_is_a_rolling_front(model_params, K, first_commit, every):
   """block with ramp, W = 4: the first tokens commit after K passes, then W / K a pass; the
   window's times rise left to right at every pass."""
