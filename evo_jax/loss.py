@@ -128,7 +128,7 @@ def sample_draws(rng, cfg, batch, step, t_density=None):
   extra = {}
   if t_density is not None:
     extra["t_pdf"] = constrain(progression.base_density(cfg.progression, t_BxL, t_density),
-                                   ("batch", "length"))
+                               ("batch", "length"))
   return {**extra, "t": constrain(t_BxL, ("batch", "length")),
           "window": constrain(window_B, ("batch",)),
           "offset": constrain(offset_B, ("batch",)),

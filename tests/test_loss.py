@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
