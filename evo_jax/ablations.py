@@ -28,6 +28,9 @@ import numpy as np
 
 from evo_jax import bench
 from evo_jax import cli
+from evo_jax import guards
+from evo_jax import loss as loss_lib
+from evo_jax import model as model_lib
 from evo_jax import train
 from evo_jax.errors import UserError
 
@@ -64,8 +67,11 @@ HEADER = ["row", "overrides", "step", "AR-path ppl", "clean ppl", "AR-path bpt",
 
 
 def row_config(base_file, common, overrides):
+  """The row's config, checked as the Trainer checks it (a one-line error otherwise)."""
   cfg = cli.load_config_file(base_file)
   cli.apply_overrides(cfg, list(common) + list(overrides))
+  model_lib.from_config(cfg.model)
+  loss_lib.check_config(cfg)
   return cfg
 
 
@@ -130,6 +136,8 @@ def run_table(args, common):
     trainer = train.Trainer(cfg, workdir)
     if not trainer_finished(workdir, cfg.train.steps):
       trainer.run()
+      if trainer.stopped_by is not None:   # preempted: saved; rerun the command to go on
+        sys.exit(guards.EXIT_CODES[trainer.stopped_by])
     row = {"row": name, "overrides": " ".join(o[len("--config."):] for o in rows[name]),
            **heldout_numbers(workdir, cfg.train.steps)}
     row["decoding"] = decoding_numbers(workdir, args)
