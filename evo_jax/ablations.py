@@ -20,7 +20,6 @@ ablation tables".
 """
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -30,6 +29,7 @@ from evo_jax import bench
 from evo_jax import cli
 from evo_jax import guards
 from evo_jax import loss as loss_lib
+from evo_jax import metrics
 from evo_jax import model as model_lib
 from evo_jax import train
 from evo_jax.errors import UserError
@@ -75,15 +75,9 @@ def row_config(base_file, common, overrides):
   return cfg
 
 
-def read_metrics(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def heldout_numbers(workdir, steps):
   """The row's held-out record at its last step, and its median training tokens per second."""
-  records = read_metrics(workdir)
+  records = metrics.read_metrics(workdir)
   heldout = [r for r in records if r.get("split") == "heldout" and r["step"] == steps]
   if not heldout:
     raise UserError(f"{workdir}/metrics.jsonl has no held-out record of step {steps}")
@@ -151,7 +145,7 @@ def run_table(args, common):
 def trainer_finished(workdir, steps):
   """Whether the row's run reached `steps` (its held-out record of that step is written)."""
   try:
-    return any(r.get("split") == "heldout" and r["step"] == steps for r in read_metrics(workdir))
+    return any(r.get("split") == "heldout" and r["step"] == steps for r in metrics.read_metrics(workdir))
   except FileNotFoundError:
     return False
 

@@ -382,6 +382,8 @@ def bridge_update(sched, z_BxWxD, t_BxW, t_new_BxW, e_BxWxD, rng, noise=1.0):
   mean = ((a_ts * jnp.square(s_new) / s2)[..., None] * z_BxWxD
           + (a_new * var_ts / s2)[..., None] * e_BxWxD)
   std = jnp.sqrt(var_ts * jnp.square(s_new) / s2)
+  if noise == 0:     # a static setting: the noise-free bridge draws nothing
+    return mean
   return mean + noise * std[..., None] * jax.random.normal(rng, z_BxWxD.shape)
 
 

@@ -26,8 +26,8 @@ from evo_jax import guards
 from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
 from evo_jax import metrics as metrics_lib
-from evo_jax import progression
 from evo_jax import model as model_lib
+from evo_jax import progression
 from evo_jax import run as run_lib
 from evo_jax import sharding
 from evo_jax import state as state_lib
