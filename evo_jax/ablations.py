@@ -145,7 +145,8 @@ def run_table(args, common):
 def trainer_finished(workdir, steps):
   """Whether the row's run reached `steps` (its held-out record of that step is written)."""
   try:
-    return any(r.get("split") == "heldout" and r["step"] == steps for r in metrics.read_metrics(workdir))
+    return any(r.get("split") == "heldout" and r["step"] == steps
+               for r in metrics.read_metrics(workdir))
   except FileNotFoundError:
     return False
 

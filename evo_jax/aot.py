@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from evo_jax import cli
+from evo_jax import flops
 from evo_jax import model as model_lib
 from evo_jax import progress
 from evo_jax import sharding
@@ -154,45 +155,6 @@ def tpu_devices(target: Target):
   return topo.devices
 
 
-def model_flops(cfg, n_params: int) -> float:
-  """Training FLOPs of one step without recomputation: 6 x (parameters used in matmuls) x
-  positions, plus the attention scores and mixing (4 per score element forward, x3 with the
-  backward). A training row is two streams, so each row has 2 x seq_len positions."""
-  m = cfg.model
-  matmul_params = n_params - (0 if m.tie_embeddings else m.vocab_size * m.d_model)
-  positions = cfg.data.batch_size * 2 * cfg.data.seq_len
-  head_size = m.head_dim or m.d_model // m.n_heads
-  attention = 12 * m.n_layers * m.n_heads * head_size * positions * 2 * cfg.data.seq_len
-  return 6 * matmul_params * positions + attention
-
-
-def _subjaxprs(value):
-  if isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _subjaxprs(v)
-  elif hasattr(value, "eqns"):
-    yield value
-  elif hasattr(getattr(value, "jaxpr", None), "eqns"):   # a ClosedJaxpr
-    yield value.jaxpr
-
-
-def matmul_flops(jaxpr) -> float:
-  """FLOPs (2 per multiply-add) of every dot_general of a traced program, scan bodies counted
-  as often as they run (XLA's cost analysis counts a loop body once), the recomputation of
-  rematerialised blocks included, the larger branch of a cond."""
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (contracting, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
-    inner = [matmul_flops(j) for v in eqn.params.values() for j in _subjaxprs(v)]
-    if inner:
-      times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-      total += times * (max(inner) if eqn.primitive.name == "cond" else sum(inner))
-  return total
-
-
 def host_peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
 
@@ -255,9 +217,9 @@ def compile_step(cfg, target: Target, devices, time_steps=0) -> Report:
   time_steps > 0 (real devices only) also the median time of that many steps."""
   step = train.build_step(cfg, devices)
   report = Report(target, dict(step.mesh.shape), step.n_params, True,
-                  flops_traced=matmul_flops(jax.make_jaxpr(step.fn)(step.state, step.batch)
+                  flops_traced=flops.matmul_flops(jax.make_jaxpr(step.fn)(step.state, step.batch)
                                             .jaxpr) / target.n_devices,
-                  flops_model=model_flops(cfg, step.n_params) / target.n_devices)
+                  flops_model=flops.model_flops(cfg, step.n_params) / target.n_devices)
   start = time.perf_counter()
   # The one long phase (minutes for evo_8b): say so, since it prints nothing until it ends.
   print(f"compiling the train step for {target.name} ({target.n_devices} devices)...",
@@ -340,7 +302,7 @@ def estimate_gpu(cfg, target: Target) -> Report:
   return Report(target, sizes, n_params, False, arguments=state + batch,
                 outputs=state, aliased=state,
                 temporaries=grads + m.n_layers * kept_per_layer + working + logits,
-                flops_model=model_flops(cfg, n_params) / target.n_devices)
+                flops_model=flops.model_flops(cfg, n_params) / target.n_devices)
 
 
 def format_report(cfg, r: Report, step_time=None) -> str:

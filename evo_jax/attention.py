@@ -40,12 +40,21 @@ class MaskSpec(NamedTuple):
     return MaskSpec(*(jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in self))
 
 
+class TwoStreamSpec(MaskSpec):
+  """A MaskSpec of the [clean stream | latent stream] layout: the type itself says where the
+  streams are, which block-sparse attention needs to know before tracing."""
+
+
+class CausalSpec(MaskSpec):
+  """A MaskSpec of the clean stream alone (a causal LM over packed documents)."""
+
+
 def two_stream_spec(segment_ids_BxL, window_size_B, offset_B):
   """The MaskSpec of the [clean stream | latent stream] layout, length 2L."""
   B, L = segment_ids_BxL.shape
   both = lambda a: jnp.concatenate([a, a], axis=1)
   i_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-  return MaskSpec(both(segment_ids_BxL),
+  return TwoStreamSpec(both(segment_ids_BxL),
                   jnp.broadcast_to(jnp.arange(2 * L) >= L, (B, 2 * L)),
                   both(i_BxL),
                   both(window_ids(window_size_B, offset_B, L)))
@@ -70,6 +79,13 @@ def two_stream_mask(segment_ids_BxL, window_size_B, offset_B):
   """The [B, 2L, 2L] mask of the clean/latent layout (see `spec_mask`)."""
   spec = two_stream_spec(segment_ids_BxL, window_size_B, offset_B)
   return spec_mask(spec, spec)
+
+
+def causal_spec(segment_ids_BxL):
+  """The MaskSpec of `causal_mask`: the clean stream alone."""
+  B, L = segment_ids_BxL.shape
+  return CausalSpec(segment_ids_BxL, jnp.zeros((B, L), bool),
+                    jnp.broadcast_to(jnp.arange(L), (B, L)), jnp.zeros((B, L), jnp.int32))
 
 
 def causal_mask(segment_ids_BxL):
@@ -97,12 +113,11 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
   return out.reshape(B, T, N, H)
 
 
-def query_chunk(chunk, length):
-  """The block size chunked_attention uses: `chunk`, or the whole length when shorter."""
+def query_chunk(chunk, length, what="the attention length"):
+  """The block size chunked attention uses: `chunk`, or the whole length when shorter."""
   chunk = min(chunk, length)
   if length % chunk:
-    raise ConfigError(f"model.attention_chunk={chunk} does not divide the attention length "
-                      f"{length} (2 x data.seq_len)")
+    raise ConfigError(f"model.attention_chunk={chunk} does not divide {what} {length}")
   return chunk
 
 
@@ -121,3 +136,44 @@ def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec: MaskSpec, chunk):
 
   out_CxBxQxNxH = jax.lax.map(block, jnp.arange(0, T, chunk))
   return jnp.moveaxis(out_CxBxQxNxH, 0, 1).reshape(B, T, N, H)
+
+
+def key_blocks(spec: MaskSpec, start, size):
+  """The (start, stop) ranges of keys that queries [start, start + size) may see at all, from
+  the layout alone (block-sparse attention computes no others). A clean query sees clean keys
+  up to itself; a latent query sees clean keys before it (w(j) < w(i) implies j < i) and the
+  latents of its window, which may be any (W = L). Any other spec: every key."""
+  T = spec.segment_BxT.shape[1]
+  if isinstance(spec, CausalSpec):
+    return [(0, start + size)]
+  if isinstance(spec, TwoStreamSpec):
+    L = T // 2
+    if start + size <= L:
+      return [(0, start + size)]
+    return [(0, start - L + size), (L, T)]
+  return [(0, T)]
+
+
+def block_sparse_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec: MaskSpec, chunk):
+  """`chunked_attention` that skips the key blocks the layout rules out (key_blocks): for the
+  two-stream layout the clean-to-latent quarter and the upper triangles of both clean-key
+  quarters, half the scores in all; for a causal spec, the upper triangle. Each query block
+  masks what is left as spec_mask says, so the result is the dense one (float rounding
+  aside). Blocks are unrolled: their key counts differ, so they cannot share one loop body."""
+  B, T, N, H = q_BxTxNxH.shape
+  two_streams = isinstance(spec, TwoStreamSpec)   # a block must not straddle the streams
+  chunk = query_chunk(chunk, T // 2 if two_streams else T,
+                      "the stream length" if two_streams else "the attention length")
+  take = lambda a, ranges: jnp.concatenate([a[:, lo:hi] for lo, hi in ranges], axis=1)
+
+  @jax.checkpoint
+  def block(q, keys, values, q_spec, k_spec):
+    return dot_product_attention(q, keys, values, spec_mask(q_spec, k_spec))
+
+  outs = []
+  for start in range(0, T, chunk):
+    ranges = key_blocks(spec, start, chunk)
+    k_spec = MaskSpec(*(take(a, ranges) for a in spec))
+    outs.append(block(q_BxTxNxH[:, start:start + chunk], take(k_BxTxKxH, ranges),
+                      take(v_BxTxKxH, ranges), MaskSpec(*spec.rows(start, chunk)), k_spec))
+  return jnp.concatenate(outs, axis=1)

@@ -2,8 +2,16 @@
 
 Subcommands (each registered in COMMANDS as (add its arguments, run it)):
 
-  train    median step time and training tokens per second of a config on the real data:
-        python -m evo_jax.bench train --config configs/tiny.py [--steps 20] [--config.x.y=v ...]
+  train    median step time, tokens per second, model FLOPs and their share of the peak of a
+           config on the real data, against the plain causal-LM step of the same backbone
+           (the Evo tax):
+        python -m evo_jax.bench train --config configs/tiny.py [--steps 20]
+            [--against FIELD=VALUE,...] [--json FILE] [--config.x.y=v ...]
+
+  attention  every model.attention kind against dense on one two-stream batch: the largest
+           difference of output and gradients, and the time of forward plus backward:
+        python -m evo_jax.bench attention [--seq_len 1024] [--batch_size 4] [--chunk 256]
+            [--dtype float32] [--kinds dense,chunked,block_sparse] [--json FILE]
 
   bound    the held-out bound of a checkpoint for several log-SNR ranges; --profile PREFIX also
            writes where it goes (the diffusion integrand by log-SNR bin, the latent
@@ -11,8 +19,10 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
         python -m evo_jax.bench bound --workdir DIR [--log_snr_min -12] [--log_snr_max 10,6,4,2,0]
             [--batches 4] [--profile PREFIX] [--bins 16]
 
-  memory   temporary memory of the compiled train step, dense vs chunked attention:
+  memory   temporary memory of the compiled train step: dense, chunked and block-sparse
+           attention, and a vocabulary-chunked loss:
         python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
+            [--chunk 256] [--vocab_chunk 8192]
 
   decode   every decoding policy on the same held-out prompts: a table of NFE (forward passes per
            sequence), tokens per forward pass, accepted drafts per pass (verify), tokens per
@@ -44,17 +54,22 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
+from evo_jax import attention
 from evo_jax import backend
 from evo_jax import cli
 from evo_jax import data
 from evo_jax import decoding
+from evo_jax import flops
 from evo_jax import loss as loss_lib
 from evo_jax import measure
 from evo_jax import run as run_lib
 from evo_jax import scoring
+from evo_jax import sharding
 from evo_jax import train
 from evo_jax.errors import UserError
 from evo_jax.progress import Progress
@@ -281,47 +296,109 @@ def add_decode_args(p):
 
 
 def run_train(args, rest):
-  """Median step time and training throughput of a config on the real data pipeline; with
-  --against, also of the config with those fields changed, their steps interleaved (so that the
-  machine's noise falls on both alike), and the ratio of the medians."""
+  """Median step time, tokens per second, FLOPs and their share of the peak of a config on
+  the real data pipeline, and of the plain causal-LM step of the same backbone on the same
+  tokens (clean stream only, next-token loss, same optimizer): their ratio is the Evo tax.
+  With --against, also the config with those fields changed. All steps run interleaved, so
+  that the machine's noise falls on each alike, and ratios are of medians from this one run."""
   cfg = cli.load_config_file(args.config)
   cli.apply_overrides(cfg, rest)
-  variants = [("config", cfg)]
+  variants = [("evo", cfg)]
   if args.against:
     other = ml_collections.ConfigDict(cfg.to_dict())
     cli.apply_overrides(other, [f"--config.{item}" for item in args.against.split(",")])
     variants.append((args.against, other))
+  device = jax.devices()[0]
+  peak = flops.peak_flops(device)
+  peak_note = "the chip's bf16 peak"
+  if peak is None:
+    peak = flops.measured_matmul_peak()
+    peak_note = "a 2048 x 2048 float32 matmul measured in this run"
+  peak *= 1 if device.platform == "cpu" else jax.device_count()
   with contextlib.ExitStack() as stack:
     runs = []
     for name, c in variants:
       trainer = train.Trainer(c, stack.enter_context(tempfile.TemporaryDirectory()))
       state = trainer.init_state(jax.random.key(c.seed))
       batches = iter(trainer.dataset("train"))
-      state, aux = trainer.step(state, next(batches))          # compiles
-      jax.block_until_ready(aux)
-      runs.append(dict(name=name, cfg=c, trainer=trainer, state=state, batches=batches,
-                       seconds=[], tokens=[]))
+      n_params = sum(x.size for x in jax.tree.leaves(state.params))
+      steps = [(name, trainer._step, flops.model_flops(c, n_params))]
+      if name == "evo":
+        steps.append(("causal", causal_step(trainer), flops.model_flops(c, n_params, streams=1)))
+      for step_name, fn, model_flops in steps:
+        batch = trainer.global_batch(next(batches))
+        run = dict(name=step_name, cfg=c, fn=fn, trainer=trainer, batches=batches,
+                   model_flops=model_flops, traced_flops=flops.traced_flops(fn, state, batch),
+                   seconds=[], tokens=[])
+        run["state"], aux = fn(jax.tree.map(lambda x: x.copy(), state), batch)   # compiles
+        jax.block_until_ready(aux)
+        runs.append(run)
     progress = Progress("timing", args.steps, "steps")
     for _ in range(args.steps):
+      drawn = {}        # one batch per trainer a round: the Evo and causal steps read the same
       for r in runs:
-        batch = next(r["batches"])
+        local = drawn.setdefault(id(r["trainer"]), next(r["batches"]))
+        batch = r["trainer"].global_batch(local)
         start = time.perf_counter()
-        r["state"], aux = r["trainer"].step(r["state"], batch)
+        r["state"], aux = r["fn"](r["state"], batch)
         jax.block_until_ready(aux)
         r["seconds"].append(time.perf_counter() - start)
-        r["tokens"].append(int(np.sum(batch["segment_ids"] > 0)))
+        r["tokens"].append(int(np.sum(local["segment_ids"] > 0)))
       progress.advance()
     progress.done()
   print(f"machine: {backend.machine()}")
+  print(f"peak: {peak / 1e12:.3g} TFLOP/s ({peak_note}, {jax.device_count()} device(s))")
   print(f"config: {args.config} {' '.join(rest)}")
+  results = {}
   for r in runs:
     step_s = float(np.median(r["seconds"]))
-    r["median"] = step_s
+    achieved = r["model_flops"] / step_s
+    results[r["name"]] = dict(
+        median_step_s=step_s, tokens_per_sec=float(np.median(r["tokens"])) / step_s,
+        model_flops=r["model_flops"], traced_flops=r["traced_flops"], flops_per_sec=achieved,
+        share_of_peak=achieved / peak, batch=[r["cfg"].data.batch_size, r["cfg"].data.seq_len])
     print(f"{r['name']}: median step {step_s * 1000:.1f} ms over {args.steps} steps | "
-          f"{np.median(r['tokens']) / step_s:,.0f} tokens/s | batch {r['cfg'].data.batch_size} "
-          f"x {r['cfg'].data.seq_len}")
-  if len(runs) == 2:
-    print(f"ratio ({runs[1]['name']} / config): {runs[1]['median'] / runs[0]['median']:.3f}")
+          f"{results[r['name']]['tokens_per_sec']:,.0f} tokens/s | model "
+          f"{r['model_flops'] / 1e9:.3g} GFLOP/step (matmuls traced: "
+          f"{r['traced_flops'] / 1e9:.3g}) | {achieved / 1e12:.3g} TFLOP/s = "
+          f"{achieved / peak:.1%} of peak | batch {r['cfg'].data.batch_size} x "
+          f"{r['cfg'].data.seq_len}")
+  ratios = {"evo_tax": results["evo"]["median_step_s"] / results["causal"]["median_step_s"]}
+  print(f"Evo tax (evo / causal step time): {ratios['evo_tax']:.3f}")
+  if args.against:
+    ratios["against"] = results[args.against]["median_step_s"] / results["evo"]["median_step_s"]
+    print(f"ratio ({args.against} / evo): {ratios['against']:.3f}")
+  summary = dict(machine=backend.machine(), config=args.config, overrides=rest, peak=peak,
+                 peak_source=peak_note, steps=args.steps, results=results, ratios=ratios)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def causal_step(trainer):
+  """The plain causal LM of the trainer's backbone: the clean stream alone (causal over each
+  packed document), next-token loss, the same optimizer; sharded as the Evo step is."""
+  model, tx, mesh = trainer.model, trainer.tx, trainer.mesh
+
+  def mean_nll(params, batch):
+    seg = batch["segment_ids"]
+    logits, _ = model.apply(params, batch["tokens"], None, None, jnp.zeros(seg.shape),
+                            batch["positions"], attention.causal_spec(seg))
+    nll, mask = loss_lib.clean_next_token(logits, batch)
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+  def step(state, batch):
+    loss, grads = jax.value_and_grad(mean_nll)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, step=state.step + 1), loss
+
+  return sharding.traced_under_rules(
+      jax.jit(step, in_shardings=(trainer.state_sharding, sharding.batch_sharding(mesh)),
+              out_shardings=(trainer.state_sharding, sharding.replicated(mesh)),
+              donate_argnums=0),
+      mesh, sharding.logical_rules(trainer.cfg.sharding.rules))
 
 
 def add_train_args(p):
@@ -329,6 +406,7 @@ def add_train_args(p):
   p.add_argument("--steps", type=int, default=20, help="timed steps after one compile step")
   p.add_argument("--against", help="FIELD=VALUE[,FIELD=VALUE]: also time the config with these "
                                    "fields changed, interleaved, and print the ratio")
+  p.add_argument("--json", help="also write the figures to this JSON file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,28 +523,113 @@ def add_bound_args(p):
 
 
 def run_memory(args, rest):
-  """Temporary memory of the compiled train step (one device) with dense and chunked attention,
-  for growing sequence lengths: what model.attention=chunked saves. The step is the Trainer's
+  """Temporary memory of the compiled train step (one device) for growing sequence lengths,
+  with dense, chunked and block-sparse attention and, with --vocab_chunk, chunked attention
+  and a vocabulary-chunked loss: what each saves against dense. The step is the Trainer's
   (train.build_step: its shardings and donation), lowered from shapes only."""
   base = cli.load_config_file(args.config)
   cli.apply_overrides(base, rest)
+  variants = {kind: dict(model=dict(attention=kind)) for kind in ("dense", "chunked",
+                                                                  "block_sparse")}
+  if args.vocab_chunk:
+    variants[f"chunked, vocab_chunk={args.vocab_chunk}"] = dict(
+        model=dict(attention="chunked"), loss=dict(vocab_chunk=args.vocab_chunk))
   print(f"machine: {backend.machine()}")
   print(f"config: {args.config} {' '.join(rest)} | batch {args.batch_size} | one device | "
         f"temporary memory of the compiled train step, MiB")
-  print("seq_len | dense | chunked | dense / chunked")
+  others = list(variants)[1:]
+  print(" | ".join(["seq_len", *variants, *(f"dense / {name}" for name in others)]))
   for L in args.seq_len:
     temp = {}
-    for kind in ("dense", "chunked"):
+    for name, changes in variants.items():
       cfg = ml_collections.ConfigDict(base.to_dict())
       cfg.data.update(seq_len=L, batch_size=args.batch_size)
       cfg.mesh.update(data=1, fsdp=1, tensor=1)
       cfg.train.grad_accum_steps = 1
-      cfg.model.update(attention=kind, attention_chunk=min(args.chunk, 2 * L))
+      cfg.model.update(attention_chunk=min(args.chunk, L))
+      for section, fields in changes.items():
+        cfg[section].update(fields)
       step = train.build_step(cfg, jax.devices()[:1])
       compiled = step.fn.lower(step.state, step.batch).compile()
-      temp[kind] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-    print(f"{L} | {temp['dense']:,.1f} | {temp['chunked']:,.1f} | "
-          f"{temp['dense'] / temp['chunked']:.2f}", flush=True)
+      temp[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    print(" | ".join([str(L), *(f"{temp[n]:,.1f}" for n in variants),
+                      *(f"{temp['dense'] / temp[n]:.2f}" for n in others)]), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_KINDS = ("dense", "chunked", "block_sparse")
+
+
+def run_attention(args, rest):
+  """Each attention kind of model.attention against dense on one two-stream batch (rows with
+  W = 1, 4, 16 and L, packed documents): the largest difference of the output and of the
+  gradients of q, k and v, and the median time of forward plus backward."""
+  if rest:
+    raise UserError(f"bench attention takes no config overrides, got {' '.join(rest)}")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+  B, L, N, K, H = args.batch_size, args.seq_len, args.heads, args.kv_heads, args.head_dim
+  key = jax.random.key(0)
+  q, k, v, probe = (jax.random.normal(jax.random.fold_in(key, i), (B, 2 * L, n, H), dtype)
+                    for i, n in enumerate((N, K, K, N)))
+  half = jnp.arange(L) < L // 2
+  seg = jnp.broadcast_to(jnp.where(half, 1, 2), (B, L)).astype(jnp.int32)   # two documents
+  window = jnp.asarray([(1, 4, 16, L)[i % 4] for i in range(B)])
+  spec = attention.two_stream_spec(seg, window, jnp.zeros((B,), jnp.int32))
+  calls = {"dense": lambda q, k, v: attention.dot_product_attention(
+               q, k, v, attention.spec_mask(spec, spec)),
+           "chunked": lambda q, k, v: attention.chunked_attention(q, k, v, spec, args.chunk),
+           "block_sparse": lambda q, k, v: attention.block_sparse_attention(q, k, v, spec,
+                                                                             args.chunk)}
+  results = {}
+  for kind in args.kinds.split(","):
+    if kind not in calls:
+      raise UserError(f"--kinds: no attention kind {kind!r} (kinds: {', '.join(calls)})")
+    objective = lambda q, k, v, f=calls[kind]: jnp.sum(f(q, k, v).astype(jnp.float32) * probe)
+    fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
+    out = jax.jit(calls[kind])(q, k, v)
+    jax.block_until_ready(fn(q, k, v))                     # compiles
+    seconds = []
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(q, k, v))
+      seconds.append(time.perf_counter() - start)
+    results[kind] = dict(out=out, grads=fn(q, k, v)[1], median_s=float(np.median(seconds)))
+  base = results.get("dense")
+  print(f"machine: {backend.machine()}")
+  print(f"batch {B} x 2 x {L} positions, {N} heads ({K} kv) of {H}, {args.dtype}, chunk "
+        f"{args.chunk}; forward + backward, median of {args.repeats}")
+  print("kind | ms | max |out - dense| | max |grad - dense| | dense / kind")
+  summary = {}
+  for kind, r in results.items():
+    diff = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    out_diff = diff(r["out"], base["out"]) if base else None
+    grad_diff = (max(diff(a, b) for a, b in zip(r["grads"], base["grads"])) if base else None)
+    speedup = base["median_s"] / r["median_s"] if base else None
+    summary[kind] = dict(median_s=r["median_s"], max_out_diff=out_diff,
+                         max_grad_diff=grad_diff, dense_over_kind=speedup)
+    print(f"{kind} | {r['median_s'] * 1000:.2f} | " + " | ".join(
+        "" if x is None else f"{x:.3g}" for x in (out_diff, grad_diff, speedup)))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(machine=backend.machine(), shape=[B, 2 * L, N, K, H], dtype=args.dtype,
+                     chunk=args.chunk, results=summary), f, indent=1)
+  return summary
+
+
+def add_attention_args(p):
+  p.add_argument("--seq_len", type=int, default=1024, help="L: the attention spans 2L")
+  p.add_argument("--batch_size", type=int, default=4)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv_heads", type=int, default=8)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--chunk", type=int, default=256, help="model.attention_chunk")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--kinds", default=",".join(ATTENTION_KINDS))
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--json", help="also write the figures to this JSON file")
 
 
 def ints(text):
@@ -478,10 +641,13 @@ def add_memory_args(p):
   p.add_argument("--seq_len", type=ints, default=[256, 512, 1024, 2048])
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--chunk", type=int, default=256, help="model.attention_chunk")
+  p.add_argument("--vocab_chunk", type=int, default=0,
+                 help="also measure chunked attention with this loss.vocab_chunk")
 
 
 COMMANDS = {"decode": (add_decode_args, run_decode), "train": (add_train_args, run_train),
-            "bound": (add_bound_args, run_bound), "memory": (add_memory_args, run_memory)}
+            "bound": (add_bound_args, run_bound), "memory": (add_memory_args, run_memory),
+            "attention": (add_attention_args, run_attention)}
 
 
 def main(argv=None):

@@ -30,6 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
       time_cond="adaln",        # adaln | adaln_lowrank | add
       time_rank=64, time_dim=64, fourier_dim=64,
       latent_norm="global",     # global | per_token
+      # 0: a latent is as wide as the model and e(v) is E[v] normalised; k > 0: e(v) is
+      # E[v] P normalised, P a learned [d_model, k] map trained by the latent losses, and z is
+      # read back through a learned [k, d_model] map (issue 13's learned latent space).
+      latent_dim=0,
       # Add each latent's Gaussian log-likelihood under every token, log N(z; a(t) e(v), s(t)^2),
       # to its logits (method.md section 8; zero at t = 1, so the AR path is unchanged). On by
       # measurement: the reference run's bounds 2.3x/3.1x -> 1.02x/1.70x the AR path, and both
@@ -43,8 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="float32",          # compute dtype (bfloat16 for accelerators); params stay float32
       remat="none",             # none | full | dots: activation memory vs recomputation
       scan_layers=False,        # scan one block over stacked layer params: one compile
-      attention="dense",        # dense | chunked: queries in blocks, no [B, 2L, 2L] mask
-      attention_chunk=512,      # queries per block (chunked); must divide 2 x data.seq_len
+      # dense | chunked: queries in blocks, no [B, 2L, 2L] mask | block_sparse: chunked, and
+      # the key blocks that the two-stream layout masks whole are skipped (half the scores)
+      attention="dense",
+      attention_chunk=512,      # queries per block; must divide 2 x data.seq_len (chunked) or
+                                # data.seq_len (block_sparse)
   ))
   # shift 3 beat 1 on the tiny run's held-out AR-path perplexity (docs/training.md, "Choices
   # measured").
@@ -74,6 +81,10 @@ def default_config() -> ml_collections.ConfigDict:
       # target, the posterior term), not only the clean stream's loss: the diffusion loss may
       # spread apart tokens whose latents it cannot tell apart. Off: stop-gradient.
       latent_table_grad=False,
+      # 0: the loss reads whole [B, 2L, V] float32 logits; c > 0: the network's hidden states,
+      # a vocabulary chunk of c entries at a time, so the logits never exist whole (memory at
+      # a large vocabulary: evo_jax/readout.py). Must divide model.vocab_size.
+      vocab_chunk=0,
   ))
   c.bound = ml_collections.ConfigDict(dict(
       log_snr_min=-12.0, log_snr_max=4.0,   # chosen by measurement: docs/training.md

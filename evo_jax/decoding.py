@@ -417,7 +417,7 @@ def _decode(model, params, sched, prompt_BxP, prompt_len_B, limit_B, rng, temper
   n_max = policy.resolved_n_max(G)
   # A commit at least every n_max iterations (verify: at least one token every pass).
   max_iters = G if policy.readout == "clean" else n_max * G
-  D = cfg.d_model
+  D = cfg.latent_width
   j_W = jnp.arange(W)
   rows = jnp.arange(B)[:, None]
   e_VxD = model.apply(params, method=EvoTransformer.latent_table)

@@ -16,6 +16,7 @@ import optax
 
 from evo_jax import attention
 from evo_jax import progression
+from evo_jax import readout
 from evo_jax import schedule as schedule_lib
 from evo_jax.errors import ConfigError
 from evo_jax.model import EvoTransformer
@@ -25,22 +26,23 @@ T_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8)   # lower edges; t == 1 falls in the last 
 WEIGHTINGS = ("ce", "elbo")
 
 
-def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None,
-                       self_cond_BxLxD=None, e_VxD=None):
+def two_stream_readouts(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None,
+                        self_cond_BxLxD=None, e_VxD=None, vocab_chunk=0):
   """One attention call over [clean stream | latent stream] (length 2L).
 
-  Returns clean-stream logits [B, L, V], latent-stream logits [B, L, V], latent t_hat [B, L].
-  With model.posterior_logits, the latent logits include each latent's own log-likelihood
-  under every token (schedule.posterior_logits; it is zero at t = 1, where the AR path passes
-  no schedule). self_cond_BxLxD: the latents' self-conditioning input (model.self_conditioning;
-  None: zeros). e_VxD: the latent table of the posterior term (None: latent_table's, without
-  gradient).
+  Returns the clean stream's and the latent stream's readout.Readout (whole logits [B, L, V],
+  or with vocab_chunk > 0 hidden states to be read a vocabulary chunk at a time) and the
+  latents' t_hat [B, L]. With model.posterior_logits, the latent logits include each latent's
+  own log-likelihood under every token (schedule.posterior_logits; it is zero at t = 1, where
+  the AR path passes no schedule). self_cond_BxLxD: the latents' self-conditioning input
+  (model.self_conditioning; None: zeros). e_VxD: the latent table of the posterior term (None:
+  latent_table's, without gradient into the embedding).
   """
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
   B, L = tokens.shape
   mask = attention.two_stream_spec(seg, window_B, offset_B)
   both = lambda a, b: jnp.concatenate([a, b], axis=1)
-  logits, t_hat = model.apply(
+  out, t_hat = model.apply(
       params,
       both(tokens, tokens),
       both(jnp.zeros_like(z_BxLxD), z_BxLxD),
@@ -48,37 +50,52 @@ def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B,
       both(jnp.zeros_like(t_BxL), t_BxL),
       both(pos, pos),
       mask,
-      None if self_cond_BxLxD is None else both(jnp.zeros_like(z_BxLxD), self_cond_BxLxD))
-  logits_z = logits[:, L:]
+      None if self_cond_BxLxD is None else both(jnp.zeros_like(z_BxLxD), self_cond_BxLxD),
+      readout=not vocab_chunk)
+  bias, table = None, None
   if model.cfg.posterior_logits and sched is not None:
     table = latent_table(model, params) if e_VxD is None else e_VxD
-    logits_z = logits_z + schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL, table)
-  return logits[:, :L], logits_z, t_hat[:, L:]
+    bias = lambda e_CxD: schedule_lib.posterior_logits(sched, z_BxLxD, t_BxL, e_CxD)
+  if not vocab_chunk:
+    logits_z = out[:, L:] if bias is None else out[:, L:] + bias(table)
+    return readout.Readout(full=out[:, :L]), readout.Readout(full=logits_z), t_hat[:, L:]
+  W = model.apply(params, method=EvoTransformer.unembedding)
+  return (readout.Readout(h=out[:, :L], W=W, chunk=vocab_chunk),
+          readout.Readout(h=out[:, L:], W=W, table=table, bias=bias, chunk=vocab_chunk),
+          t_hat[:, L:])
+
+
+def two_stream_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched=None,
+                       self_cond_BxLxD=None, e_VxD=None):
+  """two_stream_readouts as whole logits: clean [B, L, V], latent [B, L, V], t_hat [B, L]."""
+  r_c, r_z, t_hat = two_stream_readouts(model, params, batch, z_BxLxD, t_BxL, window_B,
+                                        offset_B, sched, self_cond_BxLxD, e_VxD)
+  return r_c.full, r_z.full, t_hat
 
 
 def self_conditioned_forward(model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched,
-                             use_B=None, e_VxD=None):
-  """two_stream_forward as model.self_conditioning wants it: a first pass gives e_hat (no
+                             use_B=None, e_VxD=None, vocab_chunk=0):
+  """two_stream_readouts as model.self_conditioning wants it: a first pass gives e_hat (no
   gradient flows back through it), and the second pass reads it as the latents'
   self-conditioning input, on the rows of use_B (all rows when None) and zeros elsewhere.
-  Without the option: the one pass. e_VxD: as two_stream_forward's."""
+  Without the option: the one pass. e_VxD, vocab_chunk: as two_stream_readouts'."""
   args = (model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched)
   if model.cfg.self_conditioning == "none":
-    return two_stream_forward(*args, e_VxD=e_VxD)
-  _, first, _ = two_stream_forward(*args, e_VxD=e_VxD)
+    return two_stream_readouts(*args, e_VxD=e_VxD, vocab_chunk=vocab_chunk)
+  _, first, _ = two_stream_readouts(*args, e_VxD=e_VxD, vocab_chunk=vocab_chunk)
   table = latent_table(model, params) if e_VxD is None else e_VxD
-  e_hat = jax.lax.stop_gradient(predicted_latent(first, table))
+  e_hat = jax.lax.stop_gradient(readout.expected(first, table))
   if use_B is not None:
     e_hat = jnp.where(use_B[:, None, None], e_hat, 0.0)
-  return two_stream_forward(*args, self_cond_BxLxD=e_hat, e_VxD=e_VxD)
+  return two_stream_readouts(*args, self_cond_BxLxD=e_hat, e_VxD=e_VxD, vocab_chunk=vocab_chunk)
 
 
 def latent_table(model, params, trainable=False):
-  """e(v) for all v. Gradients are stopped unless `trainable` (loss.latent_table_grad):
-  latents are targets and inputs of the path, and a loss that moves them may pull the table
-  together; trained, the latent losses also shape the (tied) embedding."""
-  table = model.apply(params, method=EvoTransformer.latent_table)
-  return table if trainable else jax.lax.stop_gradient(table)
+  """e(v) for all v. Gradients into the embedding are stopped unless `trainable`
+  (loss.latent_table_grad): latents are targets and inputs of the path, and a loss that moves
+  them may pull the table together; trained, the latent losses also shape the (tied)
+  embedding. model.latent_dim's projection always learns from them."""
+  return model.apply(params, embedding_grad=trainable, method=EvoTransformer.latent_table)
 
 
 def token_xent(logits_BxLxV, tokens_BxL):
@@ -100,9 +117,15 @@ def loss_mask(batch):
 
 def clean_next_token(logits_c_BxLxV, batch):
   """Next-token NLL of the clean stream: C_i predicts x_{i+1} in the same document.
+  logits_c_BxLxV: the logits, or the clean stream's readout.Readout.
   Returns (per-token NLL [B, L-1], mask [B, L-1])."""
   tokens, seg = batch["tokens"], batch["segment_ids"]
-  nll = token_xent(logits_c_BxLxV[:, :-1], tokens[:, 1:])
+  r = logits_c_BxLxV
+  if not isinstance(r, readout.Readout):
+    r = readout.Readout(full=r)
+  r = r._replace(full=None if r.full is None else r.full[:, :-1],
+                 h=None if r.h is None else r.h[:, :-1])
+  nll = readout.nll(r, tokens[:, 1:])[0]
   mask = (seg[:, 1:] == seg[:, :-1]) & loss_mask(batch)[:, 1:]
   return nll, mask
 
@@ -121,7 +144,8 @@ def sample_draws(rng, cfg, batch, step, t_density=None):
   k_prog, k_eps = jax.random.split(rng)
   t_BxL, window_B, offset_B = progression.sample(k_prog, cfg.progression, B, L, step,
                                                  t_density)
-  eps_BxLxD = jax.random.normal(k_eps, (B, L, cfg.model.d_model))
+  latent_width = cfg.model.latent_dim or cfg.model.d_model
+  eps_BxLxD = jax.random.normal(k_eps, (B, L, latent_width))
   # Its own key (folded in, so the other draws are those of a run without the option).
   self_cond_B = jax.random.bernoulli(jax.random.fold_in(rng, 7), cfg.loss.self_cond_prob, (B,))
   # Sharded like the tokens, so no device holds (or draws) another's rows.
@@ -163,6 +187,10 @@ def check_config(cfg):
   progression.check_config(cfg.progression)
   if not 0 <= cfg.loss.self_cond_prob <= 1:
     raise ConfigError(f"loss.self_cond_prob must be in [0, 1], got {cfg.loss.self_cond_prob}")
+  chunk, V = cfg.loss.vocab_chunk, cfg.model.vocab_size
+  if chunk < 0 or (chunk and V % chunk):
+    raise ConfigError(f"loss.vocab_chunk={chunk} must be 0 (off) or divide "
+                      f"model.vocab_size={V}")
 
 
 def make_loss_on_draws(model, cfg):
@@ -181,16 +209,17 @@ def make_loss_on_draws(model, cfg):
     e_VxD = latent_table(model, params, trainable=lcfg.latent_table_grad)
     e_BxLxD = e_VxD[tokens]
     z_BxLxD = sched.noise(e_BxLxD, t_BxL, draws["eps"])
-    logits_c, logits_z, t_hat = self_conditioned_forward(
+    read_c, read_z, t_hat = self_conditioned_forward(
         model, params, batch, z_BxLxD, t_BxL, window_B, offset_B, sched, draws["self_cond"],
-        e_VxD=e_VxD)
+        e_VxD=e_VxD, vocab_chunk=lcfg.vocab_chunk)
 
     mask = loss_mask(batch)
     n_tok = counts["latent"]
-    ce_BxL = token_xent(logits_z, tokens)
+    ce_BxL, lse_BxL = readout.nll(read_z, tokens)
     needs_mse = lcfg.weighting == "elbo" or lcfg.flow_weight > 0
     if needs_mse:
-      mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), axis=-1)
+      e_hat = readout.expected(read_z, e_VxD, lse_BxL)
+      mse_BxL = jnp.sum(jnp.square(e_BxLxD - e_hat), axis=-1)
     if lcfg.weighting == "ce":
       main_BxL = ce_BxL
     else:
@@ -209,7 +238,7 @@ def make_loss_on_draws(model, cfg):
       loss = loss + lcfg.flow_weight * _masked_sum(flow_BxL, mask) / n_tok
     time_err_BxL = jnp.square(t_hat - t_BxL)
     loss = loss + lcfg.time_weight * _masked_sum(time_err_BxL, mask) / n_tok
-    clean_nll, clean_mask = clean_next_token(logits_c, batch)
+    clean_nll, clean_mask = clean_next_token(read_c, batch)
     clean_loss = _masked_sum(clean_nll, clean_mask) / counts["clean"]
     if lcfg.clean_ar_weight > 0:
       loss = loss + lcfg.clean_ar_weight * clean_loss
@@ -277,8 +306,9 @@ def make_bound(model, cfg, window_size, per_token=False):
     e_VxD = latent_table(model, params)
     e_BxLxD = e_VxD[tokens]
     z = sched.noise(e_BxLxD, t_BxL, jax.random.normal(k_eps, e_BxLxD.shape))
-    _, logits_z, _ = self_conditioned_forward(model, params, batch, z, t_BxL, window_B,
-                                              offset_B, sched)
+    _, read_z, _ = self_conditioned_forward(model, params, batch, z, t_BxL, window_B, offset_B,
+                                            sched)
+    logits_z = read_z.full
     mse_BxL = jnp.sum(jnp.square(e_BxLxD - predicted_latent(logits_z, e_VxD)), -1)
     diffusion_BxL = 0.5 * (lam_max - lam_min) * jnp.exp(lam_BxL) * mse_BxL
     if per_token:
@@ -290,9 +320,9 @@ def make_bound(model, cfg, window_size, per_token=False):
 
     t_rec = jnp.full((B, L), t_min_noise)
     z_rec = sched.noise(e_BxLxD, t_rec, jax.random.normal(k_eps_rec, e_BxLxD.shape))
-    _, logits_rec, _ = self_conditioned_forward(model, params, batch, z_rec, t_rec, window_B,
-                                                offset_B, sched)
-    recon_BxL = token_xent(logits_rec, tokens)
+    _, read_rec, _ = self_conditioned_forward(model, params, batch, z_rec, t_rec, window_B,
+                                              offset_B, sched)
+    recon_BxL = token_xent(read_rec.full, tokens)
 
     a, s = sched.alpha_sigma(t_max_noise)
     prior_BxL = gaussian_prior_kl(e_BxLxD, a, s)
@@ -322,7 +352,7 @@ def ar_path_forward(model, params, batch, noise_key):
   """
   tokens = batch["tokens"]
   B, L = tokens.shape
-  z = schedule_lib.latent_noise(noise_key, batch["positions"], model.cfg.d_model)
+  z = schedule_lib.latent_noise(noise_key, batch["positions"], model.cfg.latent_width)
   ones_B = jnp.ones((B,), jnp.int32)
   logits_c, logits_z, _ = two_stream_forward(
       model, params, batch, z, jnp.ones((B, L), jnp.float32), ones_B, 0 * ones_B)

@@ -27,7 +27,7 @@ from evo_jax.sharding import constrain
 
 TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
-ATTENTIONS = ("dense", "chunked")
+ATTENTIONS = ("dense", "chunked", "block_sparse")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 SELF_CONDITIONINGS = ("none", "e_hat")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,13 +65,16 @@ class ModelConfig:
   time_dim: int  # width of the time embedding c
   fourier_dim: int
   latent_norm: str
+  latent_dim: int  # 0: latents as wide as d_model; else E projected by a learned map to this width
   posterior_logits: bool  # latent logits + log N(z; a e(v), s^2): added by loss.py, decoding.py
   self_conditioning: str  # none | e_hat: a latent also reads the model's previous estimate
   tie_embeddings: bool
   dtype: str  # compute dtype; parameters are always float32
   remat: str  # what a block keeps for the backward pass: see REMAT_POLICIES
   scan_layers: bool  # one scanned block (params stacked on a `layers` axis): one compile
-  attention: str  # dense | chunked (blocks of queries, no [B, T, T] mask or scores)
+  # dense | chunked (blocks of queries, no [B, T, T] mask or scores) | block_sparse (chunked,
+  # and the key blocks the layout rules out are never computed: attention.key_blocks)
+  attention: str
   attention_chunk: int
 
   def __post_init__(self):
@@ -91,6 +94,9 @@ class ModelConfig:
                         f"got {self.self_conditioning!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if not 0 <= self.latent_dim <= self.d_model:
+      raise ConfigError(f"model.latent_dim={self.latent_dim} must be 0 (off) or at most "
+                        f"model.d_model={self.d_model}")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of "
                        f"model.n_kv_heads={self.n_kv_heads}")
@@ -98,6 +104,11 @@ class ModelConfig:
   @property
   def head_size(self):
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def latent_width(self):
+    """The width of a latent z and of the latent table e(v)."""
+    return self.latent_dim or self.d_model
 
   @property
   def compute_dtype(self):
@@ -200,7 +211,9 @@ class Attention(nn.Module):
       keys = jnp.concatenate([k_BxSxKxH.astype(k.dtype), k], axis=1)
       values = jnp.concatenate([v_BxSxKxH.astype(v.dtype), v], axis=1)
       mask = jnp.concatenate([mask_BxTxS, mask_BxTxT], axis=2)
-    if isinstance(mask, attention.MaskSpec):
+    if isinstance(mask, attention.MaskSpec) and cfg.attention == "block_sparse":
+      out = attention.block_sparse_attention(q, keys, values, mask, cfg.attention_chunk)
+    elif isinstance(mask, attention.MaskSpec):
       out = attention.chunked_attention(q, keys, values, mask, cfg.attention_chunk)
     else:
       out = attention.dot_product_attention(q, keys, values, mask)
@@ -343,6 +356,12 @@ class EvoTransformer(nn.Module):
                            kernel_init=_init(nn.initializers.lecun_normal(), "embed", "vocab"))
     self.time_head = nn.Dense(1, kernel_init=_init(zeros, "embed", None),
                               bias_init=_init(zeros, None))
+    if cfg.latent_dim:
+      # The learned latent space: e(v) from E[v] P, and z read back into the residual stream.
+      self.latent_proj = self.param("latent_proj", _init(nn.initializers.orthogonal(), "embed",
+                                                          None), (cfg.d_model, cfg.latent_dim))
+      self.latent_in = nn.Dense(cfg.d_model, use_bias=False,
+                                kernel_init=_init(nn.initializers.lecun_normal(), None, "embed"))
     if cfg.self_conditioning != "none":
       # Zero-initialised: a model with it reads its latents as one without it, until trained.
       self.self_cond_in = nn.Dense(cfg.d_model, use_bias=False,
@@ -352,31 +371,44 @@ class EvoTransformer(nn.Module):
     """rms(E): latents live at unit scale and are read back at the embedding's scale."""
     return jnp.sqrt(jnp.mean(jnp.square(self.embedding)))
 
-  def latent_table(self):
-    """e(v) for every token v: [V, D] float32 (method.md section 1, option latent.norm)."""
-    E = self.embedding
+  def latent_table(self, embedding_grad=True):
+    """e(v) for every token v: [V, latent_width] float32 (method.md section 1, option
+    latent.norm). embedding_grad=False stops the gradient into E (not into model.latent_dim's
+    projection, which is there to be learned)."""
+    E = self.embedding if embedding_grad else jax.lax.stop_gradient(self.embedding)
+    if self.cfg.latent_dim:
+      E = E @ self.latent_proj
     if self.cfg.latent_norm == "global":
-      return E / self.read_scale()
-    return math.sqrt(self.cfg.d_model) * E / jnp.linalg.norm(E, axis=-1, keepdims=True)
+      return E / jnp.sqrt(jnp.mean(jnp.square(E)))
+    return math.sqrt(self.cfg.latent_width) * E / jnp.linalg.norm(E, axis=-1, keepdims=True)
+
+  def unembedding(self):
+    """[V, D]: h W^T is the logits, W in the dtype the readout multiplies in (what a
+    vocabulary-chunked loss slices: evo_jax/readout.py)."""
+    if self.cfg.tie_embeddings:
+      return self.embedding.astype(self.cfg.compute_dtype)
+    return self.head.variables["params"]["kernel"].T
 
   def __call__(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT,
-               self_cond_BxTxD=None):
+               self_cond_BxTxD=None, readout=True):
     """Logits [B, T, V] (float32) and t_hat [B, T] for a mixed clean/latent sequence.
 
-    Clean positions read E[token]; latent positions read rms(E) * z, plus (with
+    Clean positions read E[token]; latent positions read rms(E) * z (with model.latent_dim:
+    rms(E) times a learned map of z from latent_width to d_model), plus (with
     model.self_conditioning) a learned map of rms(E) * self_cond, the model's previous estimate
     e_hat of the clean latent (None: zeros, no estimate yet). latents_BxTxD may be None when no
     position is latent. mask_BxTxT: a boolean [B, T, T] array, or an attention.MaskSpec from
     which the mask follows (model.attention "chunked" then never builds it whole).
+    readout=False: the final hidden states [B, T, D] in place of the logits (`unembedding`).
     """
     logits, t_hat, _ = self.forward_with_cache(
         tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT, mask_BxTxT,
-        self_cond_BxTxD=self_cond_BxTxD)
+        self_cond_BxTxD=self_cond_BxTxD, readout=readout)
     return logits, t_hat
 
   def forward_with_cache(self, tokens_BxT, latents_BxTxD, is_latent_BxT, t_BxT, positions_BxT,
                          mask_BxTxT, cache_k_NxBxSxKxH=None, cache_v_NxBxSxKxH=None,
-                         cache_mask_BxTxS=None, self_cond_BxTxD=None):
+                         cache_mask_BxTxS=None, self_cond_BxTxD=None, readout=True):
     """__call__ for decoding: the T inputs may also attend to S cached positions.
 
     The cache holds, for each of the N = n_layers layers, the keys and values (RoPE applied)
@@ -389,9 +421,10 @@ class EvoTransformer(nn.Module):
     cfg = self.cfg
     x = jnp.take(self.embedding, tokens_BxT, axis=0)
     if latents_BxTxD is not None:
-      z = self.read_scale() * latents_BxTxD.astype(jnp.float32)
+      z = latents_BxTxD.astype(jnp.float32)
+      z = self.read_scale() * (self.latent_in(z) if cfg.latent_dim else z)
       if cfg.self_conditioning != "none":
-        sc = (jnp.zeros_like(z) if self_cond_BxTxD is None
+        sc = (jnp.zeros_like(latents_BxTxD, jnp.float32) if self_cond_BxTxD is None
               else self.read_scale() * self_cond_BxTxD.astype(jnp.float32))
         z = z + self.self_cond_in(sc)
       x = jnp.where(is_latent_BxT[..., None], z, x)
@@ -421,11 +454,13 @@ class EvoTransformer(nn.Module):
     if cfg.time_cond != "add":
       shift, scale = self.final_modulation(c_BxTxC)
       h = h * (1 + scale) + shift
+    t_hat = jax.nn.sigmoid(self.time_head(h.astype(jnp.float32))[..., 0])
+    if not readout:
+      return constrain(h, ("batch", "length", "embed")), t_hat, (k_N, v_N)
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", h, self.embedding.astype(cfg.compute_dtype),
                           preferred_element_type=jnp.float32)
     else:
       logits = self.head(h).astype(jnp.float32)
-    t_hat = jax.nn.sigmoid(self.time_head(h.astype(jnp.float32))[..., 0])
     logits = constrain(logits, ("batch", "length", "vocab"))
     return logits, t_hat, (k_N, v_N)

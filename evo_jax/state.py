@@ -70,7 +70,7 @@ def make_optimizer(ocfg, total_steps):
 def init_params(model, rng, seq_len=8, unbox=True):
   """Fresh float32 parameters. unbox=False keeps flax's logical-axis boxes, from which
   `state_shardings` reads where each array goes."""
-  B, L, D = 1, seq_len, model.cfg.d_model
+  B, L, D = 1, seq_len, model.cfg.latent_width
   tokens = jnp.zeros((B, L), jnp.int32)
   variables = model.init(rng, tokens, jnp.zeros((B, L, D)), jnp.zeros((B, L), bool),
                          jnp.zeros((B, L)), jnp.zeros((B, L), jnp.int32),

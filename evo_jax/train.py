@@ -22,6 +22,7 @@ from evo_jax import cli
 from evo_jax import config as config_lib
 from evo_jax import data
 from evo_jax import distributed
+from evo_jax import flops
 from evo_jax import guards
 from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
@@ -155,6 +156,8 @@ class Trainer:
                         f"pieces but model.vocab_size={cfg.model.vocab_size}")
     if cfg.model.attention == "chunked":
       attention.query_chunk(cfg.model.attention_chunk, 2 * cfg.data.seq_len)
+    if cfg.model.attention == "block_sparse":   # its blocks must not straddle the two streams
+      attention.query_chunk(cfg.model.attention_chunk, cfg.data.seq_len, "data.seq_len")
     layout = state_lib.state_layout(cfg, self.mesh)
     self.model, self.tx = layout.model, layout.tx
     self.state_sharding, self.abstract_state = layout.shardings, layout.abstract
@@ -245,6 +248,8 @@ class Trainer:
       last_saved = step
 
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    step_flops = flops.model_flops(cfg, n_params)
+    peak = flops.peak_flops(jax.devices()[0])
     log(f"{workdir}: {n_params:,} parameters, mesh {dict(self.mesh.shape)}, "
         f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens per step, steps {start} -> "
         f"{tcfg.steps} (the first step compiles)")
@@ -268,7 +273,7 @@ class Trainer:
           record["nonfinite_steps"] = guard.skipped()
           sums = self.measure(state.params, batch, self.measure_rng(done))
           record.update(measure_lib.summarize(jax.device_get(sums), cfg.bound.windows))
-          record["tokens_per_sec"] = tokens_since / (now - tick) if done > tick_step else None
+          record.update(throughput(tokens_since, done - tick_step, now - tick, step_flops, peak))
           record["split"] = "train"
           writer.write(done, record)
           log(status_line(done, tcfg.steps, record, tokens_since / max(done - tick_step, 1)))
@@ -314,6 +319,21 @@ class Trainer:
     }
 
 
+# The fields of a train record that time the machine rather than the run (a resumed run logs
+# the same record but these).
+TIMING_FIELDS = ("tokens_per_sec", "tflops_per_device", "mfu")
+
+
+def throughput(tokens, steps, seconds, step_flops, peak):
+  """Tokens per second, model TFLOP/s per device and MFU (against the chip's bf16 peak; None
+  on a CPU) of `steps` steps in `seconds` (none: after the compile step only)."""
+  if steps <= 0:
+    return dict.fromkeys(TIMING_FIELDS)
+  per_device = step_flops * steps / seconds / jax.device_count()
+  return {"tokens_per_sec": tokens / seconds, "tflops_per_device": per_device / 1e12,
+          "mfu": per_device / peak if peak else None}
+
+
 def record_rows(workdir, step, local_batch):
   """Appends a hash of every row this process read at `step` to batches/process_<i>.jsonl:
   which host read which data, checkable after the fact."""
@@ -329,7 +349,9 @@ def status_line(step, total, r, tokens_per_step):
   eta = f"eta {(total - step) * tokens_per_step / tps / 60:.1f} min" if tps else ""
   return (f"step {step:>6}/{total} | loss {r['loss']:.3f} | AR-path ppl {r['ar_ppl']:.1f} | "
           f"clean ppl {r['clean_ar_ppl']:.1f} | t-err {r['time_abs_err']:.3f} | "
-          f"lr {r['lr']:.1e} | " + (f"{tps:,.0f} tok/s | {eta}" if tps else ""))
+          f"lr {r['lr']:.1e} | " + (f"{tps:,.0f} tok/s | {eta}" if tps else "")
+          + (f" | {r['tflops_per_device']:.3g} TFLOP/s/device" if tps else "")
+          + (f" | MFU {r['mfu']:.1%}" if r.get("mfu") else ""))
 
 
 def train_and_report(cfg, workdir, log=print):

@@ -83,3 +83,30 @@ def test_causal_mask_matches_clean_stream_block():
   seg = jnp.asarray([[1, 1, 1, 2, 2, 0]])
   two = attention.two_stream_mask(seg, jnp.array([2]), jnp.array([0]))
   np.testing.assert_array_equal(two[:, :6, :6], attention.causal_mask(seg))
+
+
+def test_block_sparse_attention_skips_only_masked_blocks():
+  """key_blocks never leaves out a key that the mask allows (any window, offset, packing), and
+  block-sparse attention equals dense attention under the full mask, for the two-stream layout
+  and for the clean stream alone."""
+  L, chunk, B, N, K, H = 16, 4, 3, 4, 2, 8
+  seg = jnp.asarray([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16, [1] * 3 + [2] * 13], jnp.int32)
+  window, offset = jnp.asarray([1, 16, 4]), jnp.asarray([0, 0, 3])
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, 2 * L, heads, H))
+             for i, heads in enumerate((N, K, K)))
+  for spec, T in ((attention.two_stream_spec(seg, window, offset), 2 * L),
+                  (attention.causal_spec(seg), L)):
+    mask = np.asarray(attention.spec_mask(spec, spec))
+    for start in range(0, T, chunk):
+      kept = np.zeros(T, bool)
+      for lo, hi in attention.key_blocks(spec, start, chunk):
+        kept[lo:hi] = True
+      assert not np.any(mask[:, start:start + chunk, ~kept])
+    dense = attention.dot_product_attention(q[:, :T], k[:, :T], v[:, :T], jnp.asarray(mask))
+    sparse = attention.block_sparse_attention(q[:, :T], k[:, :T], v[:, :T], spec, chunk)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), rtol=1e-5, atol=1e-6)
+  # The two-stream layout computes 10 of its 16 query x key blocks of 8 (the clean-to-latent
+  # quarter and both clean-key upper triangles skipped): 36 of 64 blocks of 4.
+  spec = attention.two_stream_spec(seg, window, offset)
+  assert sum(hi - lo for s in range(0, 2 * L, chunk)
+             for lo, hi in attention.key_blocks(spec, s, chunk)) == 36 * chunk

@@ -1,5 +1,6 @@
 """`python -m evo_jax.bench train | bound | memory` on small settings: each prints its table, with
 progress on stderr (bench decode: test_sample_cli.py)."""
+import json
 import math
 
 import pytest
@@ -19,18 +20,31 @@ def small(tokenizer):
       "--config.data.batch_size=8"]
 
 
-def test_bench_train_times_the_trainers_step(stdlib_tokenizer, capsys):
-  bench.main(["train", "--config", TINY, "--steps", "2", *small(stdlib_tokenizer),
-              "--against", "data.shuffle_rows=64"])     # the same program, other rows
+def test_bench_train_times_the_evo_and_causal_steps(stdlib_tokenizer, capsys, tmp_path):
+  """One run times the Evo step, the plain causal step of the same backbone on the same rows,
+  and an --against variant, interleaved; the ratios are those of the printed medians, and the
+  model FLOPs of the causal step are what its traced program multiplies (the matmuls of its
+  parameters and of every attention score, forward and backward) to within a few percent."""
+  summary = bench.main(["train", "--config", TINY, "--steps", "2", *small(stdlib_tokenizer),
+                        "--against", "data.shuffle_rows=64",      # the same program, other rows
+                        "--json", str(tmp_path / "train.json")])
   out = capsys.readouterr()
   rows = [line for line in out.out.splitlines() if "median step " in line]
-  assert rows[0].startswith("config: median step ") and " tokens/s | batch 8 x 32" in rows[0]
-  assert rows[1].startswith("data.shuffle_rows=64: median step ")
+  assert [r.split(":")[0] for r in rows] == ["evo", "causal", "data.shuffle_rows=64"]
+  assert " of peak | batch 8 x 32" in rows[0] and out.out.startswith("machine: CPU")
   ms = [float(r.split("median step ")[1].split(" ms")[0]) for r in rows]
-  ratio = float(out.out.strip().splitlines()[-1].split(": ")[1])
-  assert out.out.strip().splitlines()[-1].startswith("ratio (data.shuffle_rows=64 / ")
-  assert ratio == pytest.approx(ms[1] / ms[0], rel=0.05)        # of the rounded figures
+  last = out.out.strip().splitlines()
+  assert last[-2].startswith("Evo tax (evo / causal step time): ")
+  assert float(last[-2].split(": ")[1]) == pytest.approx(ms[0] / ms[1], rel=0.05)
+  assert last[-1].startswith("ratio (data.shuffle_rows=64 / evo): ")
+  assert float(last[-1].split(": ")[1]) == pytest.approx(ms[2] / ms[0], rel=0.05)
   assert "timing: 2 steps done in" in out.err
+  assert json.loads((tmp_path / "train.json").read_text())["ratios"] == summary["ratios"]
+  evo, causal = summary["results"]["evo"], summary["results"]["causal"]
+  assert causal["traced_flops"] == pytest.approx(causal["model_flops"], rel=0.05)
+  # The Evo step also computes what its loss adds (the posterior term).
+  assert evo["traced_flops"] >= evo["model_flops"] > 2 * causal["model_flops"]
+  assert 0 < evo["share_of_peak"] < 1
 
 
 def test_bench_bound_rows_add_up(tiny_run, capsys):
@@ -74,8 +88,22 @@ def test_bench_bound_profile_is_the_bound_binned(tiny_run, tmp_path, capsys):
 
 def test_bench_memory_compiles_the_trainers_step(stdlib_tokenizer, capsys):
   bench.main(["memory", "--config", TINY, "--seq_len", "32", "--chunk", "16", "--batch_size",
-              "2", *small(stdlib_tokenizer)])
-  *_, row = capsys.readouterr().out.strip().splitlines()
-  L, dense, chunked, ratio = (float(x.replace(",", "")) for x in row.split(" | "))
-  assert L == 32 and dense > 0 and chunked > 0
-  assert ratio == pytest.approx(dense / chunked, rel=0.05)      # of the rounded figures
+              "2", "--vocab_chunk", "128", *small(stdlib_tokenizer)])
+  *_, header, row = capsys.readouterr().out.strip().splitlines()
+  assert header.split(" | ")[1:5] == ["dense", "chunked", "block_sparse",
+                                      "chunked, vocab_chunk=128"]
+  L, *mib = (float(x.replace(",", "")) for x in row.split(" | "))
+  assert L == 32 and all(m > 0 for m in mib)
+  for i in range(3):                                            # of the rounded figures
+    assert mib[4 + i] == pytest.approx(mib[0] / mib[1 + i], rel=0.05)
+
+
+def test_bench_attention_compares_every_kind_with_dense(capsys, tmp_path):
+  summary = bench.main(["attention", "--seq_len", "32", "--batch_size", "4", "--chunk", "8",
+                        "--heads", "4", "--kv_heads", "2", "--head_dim", "8", "--repeats", "1",
+                        "--json", str(tmp_path / "attention.json")])
+  rows = capsys.readouterr().out.strip().splitlines()[3:]
+  assert [r.split(" | ")[0] for r in rows] == ["dense", "chunked", "block_sparse"]
+  for kind in ("chunked", "block_sparse"):
+    assert summary[kind]["max_out_diff"] < 1e-5 and summary[kind]["max_grad_diff"] < 1e-4
+  assert json.loads((tmp_path / "attention.json").read_text())["results"] == summary

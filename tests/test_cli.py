@@ -75,6 +75,8 @@ def test_unknown_config_key(tmp_path, capsys):
             expect=("train.on_nonfinite must be one of ('stop', 'skip'), got 'ignore'",))
   train_cli(capsys, tmp_path / "w", "--config.model.self_conditioning=previous",
             expect=("model.self_conditioning must be one of ('none', 'e_hat')",))
+  train_cli(capsys, tmp_path / "w", "--config.model.latent_dim=512",
+            expect=("model.latent_dim=512 must be 0 (off) or at most model.d_model=128",))
   train_cli(capsys, tmp_path / "w", "--config.loss.self_cond_prob=1.5",
             expect=("loss.self_cond_prob must be in [0, 1], got 1.5",))
   assert not (tmp_path / "w" / "config.json").exists()

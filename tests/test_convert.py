@@ -67,7 +67,9 @@ def make_checkpoint(directory, family, **save_kwargs):
 
 def run_config(corpus):
   cfg = config.default_config()
-  cfg.model.update(time_dim=32, fourier_dim=16)
+  # The options an imported model gains leave its clean stream the original model's (tested
+  # with them on: test_clean_stream_is_the_original_model).
+  cfg.model.update(time_dim=32, fourier_dim=16, latent_dim=16, self_conditioning="e_hat")
   cfg.data.update(corpus=str(corpus), seq_len=32)
   return cfg
 

@@ -152,14 +152,14 @@ def test_a_trained_latent_table_gets_the_latent_gradients(small_cfg):
 
 
 def test_other_objectives_train(small_cfg):
-  """The `elbo` weighting, the flow-matching term, self-conditioning and the adaptive t
-  distribution, all on in one run (each is a train step of its own program: one run pays one
-  compile), are an objective one can train on: 30 steps on the Markov chain lower the
-  objective itself on a held-out batch (same draws before and after), with finite gradients
-  all along; the self-conditioning map moves off its zero start, and the t bins fill with a
-  cross-entropy that rises with t."""
+  """The `elbo` weighting, the flow-matching term, self-conditioning, the learned latent space
+  and the adaptive t distribution, all on in one run (each is a train step of its own program:
+  one run pays one compile), are an objective one can train on: 30 steps on the Markov chain
+  lower the objective itself on a held-out batch (same draws before and after), with finite
+  gradients all along; the self-conditioning map moves off its zero start, the latent
+  projection moves, and the t bins fill with a cross-entropy that rises with t."""
   small_cfg.loss.update(weighting="elbo", flow_weight=0.5)
-  small_cfg.model.self_conditioning = "e_hat"
+  small_cfg.model.update(self_conditioning="e_hat", latent_dim=16)
   small_cfg.progression.t_base = "adaptive"
   small_cfg.optim.update(lr=3e-3, warmup_steps=5)
   model = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
@@ -172,11 +172,13 @@ def test_other_objectives_train(small_cfg):
   loss_fn = loss_lib.make_train_loss(model, small_cfg)
   objective = jax.jit(lambda p: loss_fn(p, held_out, jax.random.key(7), 30)[0])
   before = float(objective(state.params))
+  proj_before = np.asarray(state.params["params"]["latent_proj"])
   for _ in range(30):
     state, aux = step_fn(state, chain.batch(rng, 16))
     assert np.isfinite(float(aux["grad_norm"]))
   assert float(objective(state.params)) < 0.9 * before
   assert float(jnp.max(jnp.abs(state.params["params"]["self_cond_in"]["kernel"]))) > 0
+  assert not np.allclose(np.asarray(state.params["params"]["latent_proj"]), proj_before)
   bins = np.asarray(state.ce_by_bin)   # near t = 0 the posterior term makes the CE exactly 0
   assert np.sum(bins > 0) >= 15 and bins[-1] > 1.0 > bins[0]
 
@@ -206,3 +208,34 @@ def test_posterior_logits_are_bayes_on_the_latent(model_params):
   np.testing.assert_array_equal(plain[0], combined[0])
   assert np.mean(np.argmax(plain[1], -1) == np.asarray(tokens[1])) < 0.5
   np.testing.assert_array_equal(np.argmax(combined[1], -1), np.asarray(tokens[1]))
+
+
+def test_vocab_chunked_loss_equals_the_whole_readout(small_cfg):
+  """loss.vocab_chunk reads the vocabulary a chunk at a time and never builds the logits: the
+  loss, every aux sum and every gradient equal the whole readout's (float rounding aside),
+  with the posterior term, e_hat (the `elbo` weighting and flow matching), a self-conditioning
+  first pass, the clean stream's next-token loss, and a tied or untied head."""
+  small_cfg.loss.update(weighting="elbo", flow_weight=0.5)
+  small_cfg.model.self_conditioning = "e_hat"
+  V = small_cfg.model.vocab_size
+  seg = jnp.asarray([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], jnp.int32)
+  batch = {"tokens": jax.random.randint(jax.random.key(3), (2, 16), 4, V),
+           "segment_ids": seg, "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
+  for tie in (True, False):
+    small_cfg.model.tie_embeddings = tie
+    model = model_lib.EvoTransformer(model_lib.from_config(small_cfg.model))
+    params = state_lib.init_params(model, jax.random.key(0))
+    results = []
+    for chunk in (0, V // 4):
+      small_cfg.loss.vocab_chunk = chunk
+      loss_fn = loss_lib.make_train_loss(model, small_cfg)
+      results.append(jax.jit(jax.value_and_grad(
+          lambda p: loss_fn(p, batch, jax.random.key(1), 0), has_aux=True))(params))
+    (whole, aux0), grads0 = results[0]
+    (chunked, aux1), grads1 = results[1]
+    np.testing.assert_allclose(float(chunked), float(whole), rtol=1e-5)
+    for key in aux0:
+      np.testing.assert_allclose(np.asarray(aux1[key]), np.asarray(aux0[key]), rtol=1e-4,
+                                 atol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

@@ -96,6 +96,39 @@ def test_tied_head_and_latent_scale(small_cfg):
   assert "head" not in params["params"]  # tied by default
 
 
+def test_learned_latent_space_shapes_and_gradients(small_cfg):
+  """model.latent_dim = k: e(v) = E[v] P normalised is [V, k] at unit RMS, z is read back by a
+  learned [k, D] map, the clean stream is the same network's, and P learns even while the
+  embedding's gradient is stopped."""
+  small_cfg.model.latent_dim = 8
+  model, params = make(small_cfg)
+  V, D = small_cfg.model.vocab_size, small_cfg.model.d_model
+  p = params["params"]
+  assert p["latent_proj"].shape == (D, 8) and p["latent_in"]["kernel"].shape == (8, D)
+  e = model.apply(params, method=model_lib.EvoTransformer.latent_table)
+  assert e.shape == (V, 8)
+  np.testing.assert_allclose(np.sqrt(np.mean(np.square(np.asarray(e)))), 1.0, rtol=1e-5)
+  batch = single_doc_batch(small_cfg, B=1, L=6)
+  tokens, mask = batch["tokens"], attention.causal_mask(batch["segment_ids"])
+  small_cfg.model.latent_dim = 0
+  plain = model_lib.from_config(small_cfg.model)
+  without = {"params": {k: v for k, v in p.items() if k not in ("latent_proj", "latent_in")}}
+  args = (tokens, None, None, jnp.zeros((1, 6)), batch["positions"], mask)
+  np.testing.assert_array_equal(model.apply(params, *args)[0],
+                                model_lib.EvoTransformer(plain).apply(without, *args)[0])
+  is_latent = jnp.ones((1, 6), bool)
+  out = model.apply(params, tokens, e[tokens], is_latent, jnp.full((1, 6), 0.5),
+                    batch["positions"], mask)[0]
+  assert out.shape == (1, 6, V)
+
+  def table_sum(params):
+    return jnp.sum(jnp.sin(loss_lib.latent_table(model, params)))
+
+  grads = jax.grad(table_sum)(params)["params"]
+  assert not np.any(np.asarray(grads["embedding"]))
+  assert np.any(np.asarray(grads["latent_proj"]))
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialisation_keeps_the_gradients(small_cfg, remat):
   """Remat trades memory for recomputation; the parameters and gradients stay the same."""
@@ -116,10 +149,12 @@ def test_rematerialisation_keeps_the_gradients(small_cfg, remat):
     dict(scan_layers=True),
     dict(attention="chunked", attention_chunk=8),
     dict(scan_layers=True, attention="chunked", attention_chunk=4, remat="full"),
+    dict(scan_layers=True, attention="block_sparse", attention_chunk=4),
 ])
 def test_scan_and_chunked_attention_keep_loss_and_gradients(small_cfg, variant):
-  """Scanning over layers (parameters stacked on a `layers` axis) and query-chunked attention
-  (the mask built a block of rows at a time) compute the same loss and gradients."""
+  """Scanning over layers (parameters stacked on a `layers` axis), query-chunked attention
+  (the mask built a block of rows at a time) and block-sparse attention (the masked key blocks
+  skipped) compute the same loss and gradients."""
   seg = jnp.asarray([[1] * 9 + [2] * 5 + [0] * 2, [1] * 16], jnp.int32)
   batch = {"tokens": jax.random.randint(jax.random.key(3), (2, 16), 4, 64),
            "segment_ids": seg, "positions": jnp.broadcast_to(jnp.arange(16), (2, 16))}
