@@ -22,7 +22,7 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
   memory   temporary memory of the compiled train step: dense, chunked and block-sparse
            attention, and a vocabulary-chunked loss:
         python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
-            [--chunk 256] [--vocab_chunk 8192]
+            [--chunk 256] [--kinds dense,chunked,block_sparse] [--vocab_chunk 8192]
 
   decode   every decoding policy on the same held-out prompts: a table of NFE (forward passes per
            sequence), tokens per forward pass, accepted drafts per pass (verify), tokens per
@@ -529,8 +529,11 @@ def run_memory(args, rest):
   (train.build_step: its shardings and donation), lowered from shapes only."""
   base = cli.load_config_file(args.config)
   cli.apply_overrides(base, rest)
-  variants = {kind: dict(model=dict(attention=kind)) for kind in ("dense", "chunked",
-                                                                  "block_sparse")}
+  kinds = args.kinds.split(",")
+  if kinds[0] != "dense" or not set(kinds) <= set(ATTENTION_KINDS):
+    raise UserError(f"--kinds must start with dense and name only {', '.join(ATTENTION_KINDS)}, "
+                    f"got {args.kinds}")
+  variants = {kind: dict(model=dict(attention=kind)) for kind in kinds}
   if args.vocab_chunk:
     variants[f"chunked, vocab_chunk={args.vocab_chunk}"] = dict(
         model=dict(attention="chunked"), loss=dict(vocab_chunk=args.vocab_chunk))
@@ -641,6 +644,8 @@ def add_memory_args(p):
   p.add_argument("--seq_len", type=ints, default=[256, 512, 1024, 2048])
   p.add_argument("--batch_size", type=int, default=1)
   p.add_argument("--chunk", type=int, default=256, help="model.attention_chunk")
+  p.add_argument("--kinds", default=",".join(ATTENTION_KINDS),
+                 help="model.attention kinds to compile, dense first")
   p.add_argument("--vocab_chunk", type=int, default=0,
                  help="also measure chunked attention with this loss.vocab_chunk")
 

@@ -102,8 +102,10 @@ def test_block_sparse_attention_skips_only_masked_blocks():
       for lo, hi in attention.key_blocks(spec, start, chunk):
         kept[lo:hi] = True
       assert not np.any(mask[:, start:start + chunk, ~kept])
-    dense = attention.dot_product_attention(q[:, :T], k[:, :T], v[:, :T], jnp.asarray(mask))
-    sparse = attention.block_sparse_attention(q[:, :T], k[:, :T], v[:, :T], spec, chunk)
+    dense = jax.jit(attention.dot_product_attention)(q[:, :T], k[:, :T], v[:, :T],
+                                                      jnp.asarray(mask))
+    sparse = jax.jit(attention.block_sparse_attention, static_argnums=4)(
+        q[:, :T], k[:, :T], v[:, :T], spec, chunk)
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), rtol=1e-5, atol=1e-6)
   # The two-stream layout computes 10 of its 16 query x key blocks of 8 (the clean-to-latent
   # quarter and both clean-key upper triangles skipped): 36 of 64 blocks of 4.

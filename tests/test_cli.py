@@ -102,6 +102,8 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path, capsys):
     ("--config.model.attention=flash", "model.attention"),
     ("--config.model.attention=chunked --config.model.attention_chunk=100",
      "model.attention_chunk=100 does not divide the attention length 256"),
+    ("--config.model.attention=block_sparse --config.model.attention_chunk=48",
+     "model.attention_chunk=48 does not divide data.seq_len 128"),
     ("--config.progression.t_base=logit_norml", "progression.t_base"),
     ("--config.progression.window_probs=(0.5,0.5)", "progression.window_probs must be 4 weights"),
     ("--config.loss.weighting=mse", "loss.weighting"),
