@@ -217,8 +217,8 @@ def compile_step(cfg, target: Target, devices, time_steps=0) -> Report:
   time_steps > 0 (real devices only) also the median time of that many steps."""
   step = train.build_step(cfg, devices)
   report = Report(target, dict(step.mesh.shape), step.n_params, True,
-                  flops_traced=flops.matmul_flops(jax.make_jaxpr(step.fn)(step.state, step.batch)
-                                            .jaxpr) / target.n_devices,
+                  flops_traced=flops.traced_flops(step.fn, step.state, step.batch)
+                  / target.n_devices,
                   flops_model=flops.model_flops(cfg, step.n_params) / target.n_devices)
   start = time.perf_counter()
   # The one long phase (minutes for evo_8b): say so, since it prints nothing until it ends.

@@ -51,10 +51,10 @@ def logits(r: Readout):
 
 
 def nll(r: Readout, targets_BxT):
-  """(-log p(target) [B, T], logsumexp [B, T]) under the readout's softmax."""
+  """(-log p(target) [B, T], logsumexp [B, T] for `expected`, or None for whole logits, which
+  need none) under the readout's softmax."""
   if r.full is not None:
-    return (optax.softmax_cross_entropy_with_integer_labels(r.full, targets_BxT),
-            jax.nn.logsumexp(r.full, axis=-1))
+    return optax.softmax_cross_entropy_with_integer_labels(r.full, targets_BxT), None
   n, W_n, table_n, _ = _chunks(r)
   B, T = targets_BxT.shape
 
