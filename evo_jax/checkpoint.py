@@ -7,6 +7,7 @@ where the array lives) is checked at every restore: a checkpoint whose bytes cha
 or that cannot be read at all, is `damaged`. Training then falls back to the newest intact
 checkpoint (`restore_newest_intact`, with a warning; the damaged ones are moved aside to
 checkpoints/damaged-<step>); sample and evaluate refuse it in one line."""
+import glob
 import json
 import logging
 import os
@@ -114,8 +115,11 @@ class RunCheckpoints:
     check_files(os.path.join(self.directory, str(step)))
     self._check_shapes(step, abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
+    elastic = None
     if data_iterator is not None and self.has_data(step):   # not in an imported model's
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      elastic = self._data_states_of_other_process_count(step, data_iterator)
+      if elastic is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     check = self.has_fingerprint(step)     # checkpoints saved before fingerprints: unchecked
     if check:
       items["fingerprint"] = ocp.args.JsonRestore()
@@ -131,7 +135,33 @@ class RunCheckpoints:
         raise DamagedCheckpointError(
             f"checkpoint {where} is damaged: {len(changed)} arrays differ from the fingerprint "
             f"saved with them (the first: {changed[0] if changed else 'the array list'})")
+    if elastic is not None:
+      data_iterator.set_elastic_state(elastic)
     return restored["state"]
+
+  def _data_states_of_other_process_count(self, step, data_iterator):
+    """None if the checkpoint's data position was saved by as many processes as run now;
+    else every saved process's state, for an iterator that can resume on another number of
+    processes (a prepared corpus: evo_jax/prepared.py); a one-line CheckpointError for one
+    that cannot."""
+    folder = os.path.join(self.directory, str(step), "data")
+    files = sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
+    counts = {int(f.rsplit("-of-", 1)[1][:-len(".json")]) for f in files}
+    if not counts or counts == {jax.process_count()}:
+      return None
+    saved = max(counts)
+    if not hasattr(data_iterator, "set_elastic_state"):
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} was saved by {saved} processes, and the data "
+          f"position of a raw corpus resumes only on as many (this run has "
+          f"{jax.process_count()}): prepare the corpus (python -m evo_jax.prepare) to resume "
+          f"on any number")
+    states = []
+    for path in files:
+      if path.endswith(f"-of-{saved}.json"):
+        with open(path) as f:
+          states.append(json.load(f))
+    return states
 
   def _check_shapes(self, step, abstract_state):
     """ValueError naming the first array whose shape or dtype is not the model's."""

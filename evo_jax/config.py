@@ -11,8 +11,11 @@ RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train
                     "train.sample_tokens", "train.sample_prompt", "train.record_batches",
                     # What to do about a fault (a diverged run is resumed with another setting).
                     "train.on_nonfinite", "train.nonfinite_skip_limit",
-                    # The state restores onto any mesh (the data position: same process count).
-                    "mesh.data", "mesh.fsdp", "mesh.tensor")
+                    # The state restores onto any mesh; the data position of a prepared
+                    # corpus onto any number of processes (evo_jax/prepared.py), that of a
+                    # raw corpus onto as many as saved it.
+                    "mesh.data", "mesh.fsdp", "mesh.tensor",
+                    "data.workers")   # reading processes: the data is the same
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -91,7 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
       windows=(1, -1),       # W values whose shared-pattern bound is logged
   ))
   c.data = ml_collections.ConfigDict(dict(
-      corpus="",             # "" = the Python standard library; else files/globs, comma-separated
+      # "" = the Python standard library; else files/globs, comma-separated; or directories
+      # made by `python -m evo_jax.prepare` (tokenised once; read with a global shuffle)
+      corpus="",
       text_field="text",
       # a SentencePiece .model or a Hugging Face tokenizer.json; "": the workdir's own (an
       # imported checkpoint's tokenizer.json), else one trained on the corpus (cached)
@@ -99,7 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
       heldout_fraction=0.05,
       seq_len=128,
       batch_size=16,         # global batch
-      shuffle_rows=1024,     # packed training rows are shuffled in windows of this many
+      shuffle_rows=1024,     # packed training rows are shuffled in windows of this many (raw)
+      # Prepared corpora only: each directory's share of the training tokens, in data.corpus
+      # order (() = in proportion to their sizes), and processes reading documents ahead.
+      mixture=(),
+      workers=0,
   ))
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1,

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from evo_jax import prepared
 from evo_jax.errors import UserError
 
 SPLITS = ("train", "heldout")
@@ -66,7 +67,7 @@ class DocRef(NamedTuple):
   field: str = ""
 
 
-def _hash_fraction(key: str) -> float:
+def hash_fraction(key: str) -> float:
   """A stable number in [0, 1) for `key`. hashlib, not hash(): the split must not change
   between processes, runs or Python versions."""
   return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
@@ -96,7 +97,7 @@ def _jsonl_text(line: bytes, path: str, line_no: int, offset: int, field: str) -
   return value
 
 
-def _scan_file(path: str, text_field: str) -> tuple[DocRef, ...]:
+def scan_file(path: str, text_field: str) -> tuple[DocRef, ...]:
   """Refs to the non-empty documents of a user file, which is read once to validate it.
   Cached by (size, mtime) so the tokenizer, train and eval datasets don't each re-read a large
   corpus, while an edited file is scanned again."""
@@ -159,6 +160,9 @@ def _user_documents(corpus: str, text_field: str) -> list[tuple[str, DocRef]]:
   for pattern in (p.strip() for p in corpus.split(",")):
     if not pattern:
       continue
+    if prepared.is_prepared(pattern):
+      raise DataError(f"{pattern} is prepared data (token ids): this reads raw text; give the "
+                      f"files it was prepared from")
     matches = [p for p in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
                if os.path.isfile(p)]
     if not matches:
@@ -166,7 +170,7 @@ def _user_documents(corpus: str, text_field: str) -> list[tuple[str, DocRef]]:
     paths += [p for p in matches if p not in paths]
   docs = []
   for path in paths:
-    docs += [(f"{ref.path}:{ref.line}", ref) for ref in _scan_file(path, text_field)]
+    docs += [(f"{ref.path}:{ref.line}", ref) for ref in scan_file(path, text_field)]
   return docs
 
 
@@ -189,7 +193,7 @@ def corpus_documents(corpus: str, split: str, heldout_fraction: float,
   if not docs:
     raise DataError(f"corpus is empty: {corpus or 'python stdlib'}")
   want_heldout = split == "heldout"
-  return [ref for key, ref in docs if (_hash_fraction(key) < heldout_fraction) == want_heldout]
+  return [ref for key, ref in docs if (hash_fraction(key) < heldout_fraction) == want_heldout]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,17 +359,35 @@ def train_tokenizer(out_path: str, corpus: str, vocab_size: int, heldout_fractio
   return Tokenizer(out_path)
 
 
+def prepared_corpus(corpus: str):
+  """The metadata of each directory of a prepared corpus (`python -m evo_jax.prepare`), or
+  None for a raw one (the standard library, files and globs)."""
+  entries = [e.strip() for e in corpus.split(",") if e.strip()]
+  kinds = [prepared.is_prepared(e) for e in entries]
+  if not any(kinds):
+    return None
+  if not all(kinds):
+    raw = entries[kinds.index(False)]
+    raise DataError(f"data.corpus mixes prepared directories and raw files ({raw}): prepare "
+                    f"them all (python -m evo_jax.prepare)")
+  return [prepared.load_metadata(e) for e in entries]
+
+
 def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_size: int,
                             heldout_fraction: float, text_field: str = "text",
                             max_training_chars: int = 20_000_000):
   """The tokenizer of a run: `model_path` if given; else the workdir's own: the tokenizer.json
   of an imported checkpoint (evo_jax/convert.py), or WORKDIR/tokenizer.model if a previous run
-  cached it (so a resumed run gets the identical tokenizer); else train one."""
+  cached it (so a resumed run gets the identical tokenizer); else the one a prepared corpus was
+  prepared with; else train one."""
   if model_path:
     return load_tokenizer(model_path)
   imported = os.path.join(workdir, HF_TOKENIZER_FILE)
   if os.path.isfile(imported):
     return HFTokenizer(imported)
+  metas = prepared_corpus(corpus)
+  if metas:
+    return load_tokenizer(prepared.tokenizer_file(metas[0]))
   cached = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.isfile(cached):
     tok = Tokenizer(cached)
@@ -450,7 +472,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
 def make_dataset(corpus: str, split: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                  seed: int, heldout_fraction: float, text_field: str = "text",
                  process_index: int = 0, process_count: int = 1,
-                 num_epochs: int | None = None, shuffle_rows: int = 0) -> grain.IterDataset:
+                 num_epochs: int | None = None, shuffle_rows: int = 0,
+                 mixture=(), workers: int = 0) -> grain.IterDataset:
   """Batches of packed documents for this process: dicts of int32 arrays
   [batch_size // process_count, seq_len] with
 
@@ -464,14 +487,27 @@ def make_dataset(corpus: str, split: str, tokenizer: Tokenizer, seq_len: int, ba
   Each process reads documents[process_index::process_count] (disjoint shards). "train" is
   reshuffled every epoch from `seed`, and its packed rows are shuffled again in windows of
   `shuffle_rows` (a long file fills many consecutive rows; without this, a batch would hold a
-  few files and consecutive batches the same ones); "heldout" keeps corpus order (use num_epochs=1 for a
-  deterministic, finite evaluation set). num_epochs=None repeats forever.
+  few files and consecutive batches the same ones); "heldout" keeps corpus order (use
+  num_epochs=1 for a deterministic, finite evaluation set). num_epochs=None repeats forever.
   The iterator `iter(ds)` is checkpointable: get_state()/set_state(), or Orbax (see
   evo_jax/checkpoint.py). It runs in-process (no worker processes or threads).
+
+  A prepared corpus (directories of `python -m evo_jax.prepare`) is read by
+  prepared.PreparedDataset instead: a global shuffle of documents, sources mixed by `mixture`
+  (shares of tokens), `workers` processes reading ahead, and an elastic state; heldout is
+  finite (num_epochs is ignored) and shuffle_rows unused (its rows are lanes: see there).
   """
   if batch_size % process_count:
     raise DataError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
   local_batch_size = batch_size // process_count
+  metas = prepared_corpus(corpus)
+  if metas:
+    return _prepared_dataset(metas, split, tokenizer, seq_len, local_batch_size, seed,
+                             heldout_fraction, process_index, process_count, mixture, workers)
+  for name, value in (("mixture", mixture), ("workers", workers)):
+    if value:
+      raise DataError(f"data.{name} needs prepared corpora (python -m evo_jax.prepare); "
+                      f"data.corpus is {corpus or 'the python stdlib'}")
   refs = corpus_documents(corpus, split, heldout_fraction, text_field)
   shard = refs[process_index::process_count]
   if not shard:
@@ -492,6 +528,36 @@ def make_dataset(corpus: str, split: str, tokenizer: Tokenizer, seq_len: int, ba
   # batch has the same shape (no recompilation, and no heldout rows silently dropped).
   return ds.batch(local_batch_size, batch_fn=functools.partial(
       grain.experimental.batch_and_pad, batch_size=local_batch_size, pad_value=PAD_ID))
+
+
+def _prepared_dataset(metas, split, tokenizer, seq_len, rows, seed, heldout_fraction,
+                      process_index, process_count, mixture, workers):
+  digest = file_sha256(tokenizer.path)
+  for meta in metas:
+    prepared.check_tokenizer(meta, digest, tokenizer.path)
+    if meta["heldout_fraction"] != heldout_fraction:
+      raise DataError(f"{meta['path']} was prepared with heldout_fraction "
+                      f"{meta['heldout_fraction']}: set data.heldout_fraction to it")
+  return prepared.PreparedDataset(
+      metas, split, seq_len, rows, seed, process_index, process_count, bos_id=tokenizer.bos_id,
+      eos_id=tokenizer.eos_id, pad_id=PAD_ID, mixture=mixture, workers=workers)
+
+
+def document_name(ref: DocRef) -> str:
+  return f"{ref.path}:{ref.line}" if ref.line else ref.path
+
+
+def heldout_ids(corpus: str, heldout_fraction: float, text_field: str, tokenizer):
+  """(name, token ids without bos/eos) of each held-out document, in corpus order: read from
+  a prepared corpus (named DIR:heldout:INDEX), encoded from a raw one (named path[:line])."""
+  metas = prepared_corpus(corpus)
+  if metas:
+    counts = itertools.count()
+    for ids in prepared.split_documents(metas, "heldout"):
+      yield f"{corpus}:heldout:{next(counts)}", [int(i) for i in ids]
+    return
+  for ref in corpus_documents(corpus, "heldout", heldout_fraction, text_field):
+    yield document_name(ref), tokenizer.encode(read_document(ref))
 
 
 def make_eval_batches(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,

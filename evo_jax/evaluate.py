@@ -25,6 +25,7 @@ every example's output, the metric with its standard error (`score`: the metric 
 unit of the paper's table) and, for generation, NFE, tokens per forward and tokens per second.
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -230,13 +231,15 @@ def read_likelihood(args):
 def run_likelihood(run, args, docs):
   cfg, tok, L = run.cfg, run.tokenizer, run.context
   if docs is None:
-    docs = data.corpus_documents(cfg.data.corpus, "heldout", cfg.data.heldout_fraction,
-                                 cfg.data.text_field)
+    docs = list(itertools.islice(data.heldout_ids(
+        cfg.data.corpus, cfg.data.heldout_fraction, cfg.data.text_field, tok), args.limit or None))
     if not docs:
       raise EvalError("the run's corpus has no held-out documents")
-  docs = docs[:args.limit or None]
-  texts = [data.read_document(ref) for ref in docs]
-  ids = [tok.encode(t) + [tok.eos_id] for t in texts]        # as in training: [bos] ids [eos]
+  else:
+    docs = [(data.document_name(ref), tok.encode(data.read_document(ref)))
+            for ref in docs[:args.limit or None]]
+  names = [name for name, _ in docs]
+  ids = [doc + [tok.eos_id] for _, doc in docs]        # as in training: [bos] ids [eos]
   pairs, owner = [], []
   for d, doc_ids in enumerate(ids):
     for pair in scoring.rolling_pairs([tok.bos_id], doc_ids, L, args.stride or None):
@@ -275,10 +278,9 @@ def run_likelihood(run, args, docs):
     metrics.update(measure.measure_batches(
         lambda batch, rng: bound(run.params, batch, rng), batches, jax.random.key(args.seed),
         args.window_list, progress))
-  examples = [{"document": f"{ref.path}:{ref.line}" if ref.line else ref.path,
-               "tokens": int(n), "logprob": float(lp),
+  examples = [{"document": name, "tokens": int(n), "logprob": float(lp),
                "bits_per_token": float(-lp / n / math.log(2))}
-              for ref, n, lp in zip(docs, counts, logprob)]
+              for name, n, lp in zip(names, counts, logprob)]
   return {"benchmark": "likelihood", "shots": 0, **AR_PATH, "examples": examples,
           "metrics": metrics,
           "metric": {"name": "bits_per_token", "value": metrics["bits_per_token"],

@@ -179,7 +179,7 @@ class Trainer:
         d.corpus, split, self.tokenizer, d.seq_len, d.batch_size, seed=self.cfg.seed,
         heldout_fraction=d.heldout_fraction, text_field=d.text_field,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        shuffle_rows=d.shuffle_rows)
+        shuffle_rows=d.shuffle_rows, mixture=d.mixture, workers=d.workers)
 
   def global_batch(self, local):
     return sharding.global_batch(local, self.mesh)
@@ -237,6 +237,9 @@ class Trainer:
       log(f"starting from the weights in {ckpts.directory}/{start}")
     else:
       log(f"resumed from {ckpts.directory}/{start}")
+      if getattr(data_iter, "elastic_from", None):
+        log(f"the data position was saved by {data_iter.elastic_from} processes and continues "
+            f"on {jax.process_count()}: no document is read twice or skipped")
     last_saved = ckpts.latest_step()
     writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
     guard = guards.NonfiniteGuard(tcfg.on_nonfinite, tcfg.nonfinite_skip_limit)

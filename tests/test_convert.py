@@ -121,7 +121,7 @@ def imported(request, tmp_path_factory, corpus):
 def test_clean_stream_is_the_original_model(imported):
   family, hf_model, root = imported
   run = run_lib.load_run(str(root / "evo"))
-  cfg, model, params, tokenizer, step = run.cfg, run.model, run.params, run.tokenizer, run.step
+  model, params, tokenizer, step = run.model, run.params, run.tokenizer, run.step
   assert step == 0 and tokenizer.vocab_size == 258
   assert tokenizer.bos_id == (257 if family == "qwen2" else 256) and tokenizer.eos_id == 257
   assert model.cfg.qkv_bias == (family == "qwen2") and model.cfg.qk_norm == (family == "qwen3")

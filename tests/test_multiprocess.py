@@ -1,9 +1,11 @@
 """A real multi-process run: 2 processes x 4 simulated CPU devices joined by jax.distributed
-over localhost, started with launch/local.py as a user would. Each process reads its own rows;
-the checkpoint restores in one process onto other meshes; a run preempted (SIGTERM to one
-process) and then killed mid-way resumes and reproduces the uninterrupted one."""
+over localhost, started with launch/local.py as a user would, on prepared data (python -m
+evo_jax.prepare). Each process reads its own rows; the checkpoint restores in one process onto
+other meshes; a run preempted (SIGTERM to one process) and then killed mid-way resumes and
+reproduces the uninterrupted one; the run resumes on 1 process, and that on 2 again."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,16 +24,18 @@ STEPS = 12
 LOG_EVERY = 2      # each log step also measures the bound and the AR path: not every step
 
 
-def command(workdir, tokenizer):
+def command(workdir, tokenizer, corpus, processes=2):
   settings = dict(
       **{f"model.{k}": v for k, v in dict(SMALL_MODEL, vocab_size=512).items()},
-      **{"data.tokenizer": tokenizer, "data.seq_len": 32, "data.batch_size": 8,
+      **{"data.tokenizer": tokenizer, "data.corpus": corpus, "data.seq_len": 32,
+         "data.batch_size": 8,
          "mesh.fsdp": 2, "optim.warmup_steps": 2, "optim.decay_steps": STEPS,
          "train.steps": STEPS, "train.log_every": LOG_EVERY, "train.eval_every": STEPS,
          "train.ckpt_every": 3, "train.keep_checkpoints": 10, "train.eval_batches": 1,
          "train.samples": 0, "train.record_batches": True})
-  return ([sys.executable, str(REPO / "launch" / "local.py"), "--processes", "2",
-           "--devices_per_process", "4", "--", "--config", str(REPO / "configs" / "tiny.py"),
+  return ([sys.executable, str(REPO / "launch" / "local.py"), "--processes", str(processes),
+           "--devices_per_process", str(8 // processes), "--", "--config",
+           str(REPO / "configs" / "tiny.py"),
            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in settings.items()])
 
 
@@ -56,9 +60,20 @@ def last_logged(workdir):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, stdlib_tokenizer):
+def corpus(tmp_path_factory, stdlib_tokenizer):
+  """The top-level modules of the standard library, prepared."""
+  from evo_jax import prepare
+  out = tmp_path_factory.mktemp("mp") / "prepared"
+  prepare.prepare(prepare.parse_args([
+      "--input", f"{os.path.dirname(os.__file__)}/*.py", "--tokenizer", stdlib_tokenizer,
+      "--out", str(out), "--shards", "2", "--workers", "2"]), log=lambda _: None)
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, stdlib_tokenizer, corpus):
   workdir = tmp_path_factory.mktemp("mp") / "straight"
-  proc = launch(command(workdir, stdlib_tokenizer))
+  proc = launch(command(workdir, stdlib_tokenizer, corpus))
   out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, out[-3000:]
   assert "[0]" in out and "[1]" in out
@@ -102,12 +117,12 @@ def wait_for_step(proc, workdir, step):
 
 
 def test_preempted_and_killed_run_resumes_and_restores_on_other_meshes(
-    straight_run, stdlib_tokenizer, tmp_path):
+    straight_run, stdlib_tokenizer, corpus, tmp_path):
   """SIGTERM to one process (a preemption notice): both save at the step JAX's preemption sync
   point agrees on and exit 0. The rerun is then killed (kill -9, no notice) after step 3 past
   it is logged. The third run resumes and logs what the uninterrupted run logged."""
   workdir = tmp_path / "killed"
-  cmd = command(workdir, stdlib_tokenizer)
+  cmd = command(workdir, stdlib_tokenizer, corpus)
   proc = launch(cmd)
   wait_for_step(proc, workdir, 4)
   os.kill(training_process(workdir, 1), signal.SIGTERM)
@@ -145,3 +160,35 @@ def test_preempted_and_killed_run_resumes_and_restores_on_other_meshes(
     for x, y in zip(jax.tree.leaves(reference),
                     jax.tree.leaves(saved_params(workdir, mesh_cfg, jax.devices()))):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+
+def test_resumes_on_one_process_and_then_on_two(straight_run, stdlib_tokenizer, corpus,
+                                                 tmp_path):
+  """The 2-process run's checkpoint at step 6, resumed on 1 process to step 9, and that on 2
+  processes to step 12: every step reads the global batch, and no row is read twice
+  (evo_jax/prepared.py: no document twice, none skipped; tests/test_prepared.py checks it
+  token by token)."""
+  workdir = tmp_path / "elastic"
+  shutil.copytree(straight_run, workdir)
+  for later in ("9", "12"):
+    shutil.rmtree(workdir / "checkpoints" / later)
+  shutil.rmtree(workdir / "batches")
+  for processes, steps in ((1, 9), (2, 12)):
+    cmd = command(workdir, stdlib_tokenizer, corpus, processes) + [
+        f"--config.train.steps={steps}"]
+    proc = launch(cmd)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    assert f"saved by {3 - processes} processes and continues on {processes}" in out, out
+  per_step = {}
+  for run in (straight_run, workdir):
+    for i in range(2):
+      for line in open(run / "batches" / f"process_{i}.jsonl"):
+        record = json.loads(line)
+        if (record["step"] < 6) == (run == straight_run):
+          per_step.setdefault(record["step"], []).extend(record["rows"])
+  assert sorted(per_step) == list(range(STEPS))
+  assert all(len(rows) == 8 for rows in per_step.values())
+  everything = [row for rows in per_step.values() for row in rows]
+  assert len(set(everything)) == len(everything)
