@@ -238,8 +238,9 @@ class Trainer:
     else:
       log(f"resumed from {ckpts.directory}/{start}")
       if getattr(data_iter, "elastic_from", None):
-        log(f"the data position was saved by {data_iter.elastic_from} processes and continues "
-            f"on {jax.process_count()}: no document is read twice or skipped")
+        saved = data_iter.elastic_from
+        log(f"the data position was saved by {saved} process{'es' * (saved > 1)} and "
+            f"continues on {jax.process_count()}: no document is read twice or skipped")
     last_saved = ckpts.latest_step()
     writer = metrics_lib.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
     guard = guards.NonfiniteGuard(tcfg.on_nonfinite, tcfg.nonfinite_skip_limit)

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SMALL_MODEL
+from evo_jax import cli
 from evo_jax import metrics
 from evo_jax import run as run_lib
 from evo_jax import sharding
+from evo_jax import train
 
 STEPS = 12
 LOG_EVERY = 2      # each log step also measures the bound and the AR path: not every step
@@ -165,8 +167,8 @@ def test_preempted_and_killed_run_resumes_and_restores_on_other_meshes(
 
 def test_resumes_on_one_process_and_then_on_two(straight_run, stdlib_tokenizer, corpus,
                                                  tmp_path):
-  """The 2-process run's checkpoint at step 6, resumed on 1 process to step 9, and that on 2
-  processes to step 12: every step reads the global batch, and no row is read twice
+  """The 2-process run's checkpoint at step 6, resumed on 1 process (this one) to step 9, and
+  that on 2 processes to step 12: every step reads the global batch, and no row is read twice
   (evo_jax/prepared.py: no document twice, none skipped; tests/test_prepared.py checks it
   token by token)."""
   workdir = tmp_path / "elastic"
@@ -174,13 +176,17 @@ def test_resumes_on_one_process_and_then_on_two(straight_run, stdlib_tokenizer, 
   for later in ("9", "12"):
     shutil.rmtree(workdir / "checkpoints" / later)
   shutil.rmtree(workdir / "batches")
-  for processes, steps in ((1, 9), (2, 12)):
-    cmd = command(workdir, stdlib_tokenizer, corpus, processes) + [
-        f"--config.train.steps={steps}"]
-    proc = launch(cmd)
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
-    assert f"saved by {3 - processes} processes and continues on {processes}" in out, out
+  # 1 process: this one, on its 8 simulated devices (the mesh of the 2 x 4 run).
+  cmd = command(workdir, stdlib_tokenizer, corpus) + ["--config.train.steps=9"]
+  cfg = cli.load_config_file(cmd[cmd.index("--config") + 1])
+  cli.apply_overrides(cfg, [arg for arg in cmd if arg.startswith("--config.")])
+  log = []
+  train.Trainer(cfg, str(workdir)).run(log=log.append)
+  assert any("saved by 2 processes and continues on 1" in line for line in log), log
+  proc = launch(command(workdir, stdlib_tokenizer, corpus))
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out[-3000:]
+  assert "saved by 1 process and continues on 2" in out, out[-3000:]
   per_step = {}
   for run in (straight_run, workdir):
     for i in range(2):

@@ -85,7 +85,7 @@ def test_every_input_kind_decodes_back_to_its_documents(tmp_path, stdlib_tokeniz
 def test_killed_prepare_resumes_to_identical_shards(tmp_path, stdlib_tokenizer):
   """SIGKILL to the prepare and its worker once the first shard is complete; the rerun redoes
   only the missing shards, and every file equals that of a prepare never interrupted."""
-  inputs = f"{STDLIB}/*.py"
+  inputs = f"{STDLIB}/[a-h]*.py"
   out = tmp_path / "killed"
   cmd = [sys.executable, "-m", "evo_jax.prepare", "--input", inputs, "--tokenizer",
          stdlib_tokenizer, "--out", str(out), "--shards", "16", "--workers", "1"]
@@ -104,7 +104,7 @@ def test_killed_prepare_resumes_to_identical_shards(tmp_path, stdlib_tokenizer):
   prepare.prepare(args(inputs, stdlib_tokenizer, out, shards=16, workers=1), log=log.append)
   assert any(f"{len(complete)} of 32 shards were complete" in line for line in log), log
   clean = tmp_path / "clean"
-  prepare.prepare(args(inputs, stdlib_tokenizer, clean, shards=16, workers=2), log=log.append)
+  prepare.prepare(args(inputs, stdlib_tokenizer, clean, shards=16, workers=1), log=log.append)
   names = sorted(p.name for p in clean.iterdir())
   assert sorted(p.name for p in out.iterdir()) == names
   for name in names:
