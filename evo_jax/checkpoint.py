@@ -152,10 +152,10 @@ class RunCheckpoints:
     saved = max(counts)
     if not hasattr(data_iterator, "set_elastic_state"):
       raise CheckpointError(
-          f"checkpoint {self.directory}/{step} was saved by {saved} processes, and the data "
-          f"position of a raw corpus resumes only on as many (this run has "
-          f"{jax.process_count()}): prepare the corpus (python -m evo_jax.prepare) to resume "
-          f"on any number")
+          f"checkpoint {self.directory}/{step} was saved by {saved} process"
+          f"{'es' * (saved > 1)}, and the data position of a raw corpus resumes only on as many "
+          f"(this run has {jax.process_count()}): prepare the corpus (python -m "
+          f"evo_jax.prepare) to resume on any number")
     states = []
     for path in files:
       if path.endswith(f"-of-{saved}.json"):

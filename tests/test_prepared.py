@@ -6,6 +6,7 @@ s * 10**6 + d * 1000 + k, so every token says where it came from."""
 import collections
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -165,3 +166,38 @@ def test_heldout_is_every_document_once_and_workers_change_nothing(sources):
       ahead.set_state(plain.get_state())
   finally:
     ahead.close()
+
+
+def test_checkpoints_hand_other_process_counts_to_the_elastic_state(tmp_path, monkeypatch,
+                                                                     sources):
+  """A checkpoint saved by 1 process, restored where it sees 2: a prepared iterator gets every
+  saved state through set_elastic_state; a raw corpus's iterator is refused in one line."""
+  import jax
+  import jax.numpy as jnp
+  from evo_jax import checkpoint, data
+  corpus = tmp_path / "raw.txt"
+  corpus.write_text("def f():\n  return 1\n" * 50)
+  tokenizer = types.SimpleNamespace(encode=lambda text: [5] * len(text), bos_id=2, eos_id=3)
+  raw = iter(data.make_dataset(str(corpus), "train", tokenizer, SEQ_LEN, 2, seed=0,
+                               heldout_fraction=0.0))
+  ckpts = checkpoint.RunCheckpoints(str(tmp_path / "run"), async_save=False)
+  state = {"w": jnp.arange(3.0)}
+  it = iterator(sources)
+  take(it, 3)
+  ckpts.save(1, state, it, {})
+  ckpts.save(2, state, raw, {})
+  ckpts.wait()
+  class TwoProcesses:       # jax as checkpoint.py sees it, on (say) a larger slice
+    process_count = staticmethod(lambda: 2)
+
+    def __getattr__(self, name):
+      return getattr(jax, name)
+
+  monkeypatch.setattr(checkpoint, "jax", TwoProcesses())
+  resumed = iterator(sources, 1, 2)
+  ckpts.restore(1, jax.eval_shape(lambda: state), resumed)
+  assert resumed.elastic_from == 1 and resumed.get_state()["next"] == it.get_state()["next"] + 1
+  with pytest.raises(checkpoint.CheckpointError, match="saved by 1 process, and the data "
+                     "position of a raw corpus resumes only on as many .this run has 2."):
+    ckpts.restore(2, jax.eval_shape(lambda: state), raw)
+  ckpts.close()
