@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
+from evo_jax import attention
 from evo_jax import cli
 from evo_jax import flops
 from evo_jax import model as model_lib
@@ -368,6 +369,7 @@ def format_report(cfg, r: Report, step_time=None) -> str:
 
 def run(cfg, topology: str, step_time=None, time_steps=0) -> tuple[Report, str]:
   target = parse_topology(topology)
+  attention.check_backend(cfg.model.attention, target.chip.kind)
   if target.chip.kind == "tpu":
     report = compile_step(cfg, target, tpu_devices(target))
   elif gpus := local_gpus(target):

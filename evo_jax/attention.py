@@ -113,6 +113,27 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
   return out.reshape(B, T, N, H)
 
 
+# Fused kernels of model.attention and the JAX backends that have them.
+KERNEL_BACKENDS = {"cudnn": ("gpu",)}
+
+
+def check_backend(kind, backend=None):
+  """A one-line ConfigError, before anything compiles, for a kernel this backend lacks."""
+  backend = backend or jax.default_backend()
+  if kind in KERNEL_BACKENDS and backend not in KERNEL_BACKENDS[kind]:
+    raise ConfigError(f"model.attention={kind} runs on {' and '.join(KERNEL_BACKENDS[kind])} "
+                      f"only, not on this {backend}: use dense, chunked or block_sparse")
+
+
+def fused_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, implementation="cudnn"):
+  """`dot_product_attention` through jax.nn.dot_product_attention: cuDNN's flash attention
+  on a GPU (bfloat16/float16 only), with the mask as given (the two-stream mask is not one of
+  its built-in causal/padding/window patterns). implementation="xla" runs the same call on
+  any backend (the tests compare it with dot_product_attention)."""
+  return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                      mask=mask_BxTxS[:, None], implementation=implementation)
+
+
 def query_chunk(chunk, length, what="the attention length"):
   """The block size chunked attention uses: `chunk`, or the whole length when shorter."""
   chunk = min(chunk, length)

@@ -594,11 +594,15 @@ def run_attention(args, rest):
                q, k, v, attention.spec_mask(spec, spec)),
            "chunked": lambda q, k, v: attention.chunked_attention(q, k, v, spec, args.chunk),
            "block_sparse": lambda q, k, v: attention.block_sparse_attention(q, k, v, spec,
-                                                                             args.chunk)}
-  results = {}
+                                                                             args.chunk),
+           "cudnn": lambda q, k, v: attention.fused_attention(
+               q, k, v, attention.spec_mask(spec, spec))}
   for kind in args.kinds.split(","):
     if kind not in calls:
       raise UserError(f"--kinds: no attention kind {kind!r} (kinds: {', '.join(calls)})")
+    attention.check_backend(kind)
+  results = {}
+  for kind in args.kinds.split(","):
     objective = lambda q, k, v, f=calls[kind]: jnp.sum(f(q, k, v).astype(jnp.float32) * probe)
     fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
     out = jax.jit(calls[kind])(q, k, v)

@@ -51,7 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
       remat="none",             # none | full | dots: activation memory vs recomputation
       scan_layers=False,        # scan one block over stacked layer params: one compile
       # dense | chunked: queries in blocks, no [B, 2L, 2L] mask | block_sparse: chunked, and
-      # the key blocks that the two-stream layout masks whole are skipped (half the scores)
+      # the key blocks that the two-stream layout masks whole are skipped (half the scores) |
+      # cudnn: GPU only, cuDNN's fused attention under the whole mask (model.dtype=bfloat16)
       attention="dense",
       attention_chunk=512,      # queries per block; must divide 2 x data.seq_len (chunked) or
                                 # data.seq_len (block_sparse)

@@ -27,7 +27,7 @@ from evo_jax.sharding import constrain
 
 TIME_CONDS = ("adaln", "adaln_lowrank", "add")
 LATENT_NORMS = ("global", "per_token")
-ATTENTIONS = ("dense", "chunked", "block_sparse")
+ATTENTIONS = ("dense", "chunked", "block_sparse", "cudnn")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 SELF_CONDITIONINGS = ("none", "e_hat")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,7 +73,8 @@ class ModelConfig:
   remat: str  # what a block keeps for the backward pass: see REMAT_POLICIES
   scan_layers: bool  # one scanned block (params stacked on a `layers` axis): one compile
   # dense | chunked (blocks of queries, no [B, T, T] mask or scores) | block_sparse (chunked,
-  # and the key blocks the layout rules out are never computed: attention.key_blocks)
+  # and the key blocks the layout rules out are never computed: attention.key_blocks) |
+  # cudnn (GPU: cuDNN's fused attention under the dense mask, attention.fused_attention)
   attention: str
   attention_chunk: int
 
@@ -94,6 +95,9 @@ class ModelConfig:
                         f"got {self.self_conditioning!r}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"model.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's fused "
+                        f"attention has no {self.dtype} kernel)")
     if not 0 <= self.latent_dim <= self.d_model:
       raise ConfigError(f"model.latent_dim={self.latent_dim} must be 0 (off) or at most "
                         f"model.d_model={self.d_model}")
@@ -215,6 +219,8 @@ class Attention(nn.Module):
       out = attention.block_sparse_attention(q, keys, values, mask, cfg.attention_chunk)
     elif isinstance(mask, attention.MaskSpec):
       out = attention.chunked_attention(q, keys, values, mask, cfg.attention_chunk)
+    elif cfg.attention == "cudnn":
+      out = attention.fused_attention(q, keys, values, mask)
     else:
       out = attention.dot_product_attention(q, keys, values, mask)
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
@@ -432,7 +438,7 @@ class EvoTransformer(nn.Module):
     c_BxTxC = self.time_embed(t_BxT)
     if cfg.time_cond == "add":
       x = x + self.time_in(nn.silu(c_BxTxC)).astype(cfg.compute_dtype)
-    if isinstance(mask_BxTxT, attention.MaskSpec) and cfg.attention == "dense":
+    if isinstance(mask_BxTxT, attention.MaskSpec) and cfg.attention in ("dense", "cudnn"):
       mask_BxTxT = attention.spec_mask(mask_BxTxT, mask_BxTxT)
     x = constrain(x, ("batch", "length", "embed"))
     cache_kv = None

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from evo_jax import attention
 from evo_jax import checkpoint
 from evo_jax import config as config_lib
 from evo_jax import data
@@ -58,6 +59,9 @@ def load_run(workdir, mesh=None) -> Run:
   """The latest checkpoint in workdir, its state laid out on `mesh` (default: one device),
   whatever mesh it was saved from."""
   cfg = read_run_config(workdir)
+  kernel_backends = attention.KERNEL_BACKENDS.get(cfg.model.attention)
+  if kernel_backends and jax.default_backend() not in kernel_backends:
+    cfg.model.attention = "dense"    # trained with a GPU kernel, loaded elsewhere: the same math
   ckpts = checkpoint.RunCheckpoints(workdir, async_save=False)
   step = ckpts.latest_step()
   if step is None:

@@ -141,6 +141,7 @@ class Trainer:
     check_workdir_config(cfg, workdir)
     guards.check_settings(cfg.train)
     model_lib.from_config(cfg.model)         # one-line errors for bad settings, before any work
+    attention.check_backend(cfg.model.attention)
     loss_lib.check_config(cfg)
     os.makedirs(workdir, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir

@@ -41,7 +41,8 @@ step tests 120 python -m pytest -q -p no:xdist tests/test_attention.py tests/tes
     tests/test_loss.py -k "not sharded"
 cp "$OUT/tests.log" "$OUT/tests.txt"
 step attention 90 python -m evo_jax.bench attention --seq_len 2048 --batch_size 8 \
-    --heads 16 --kv_heads 8 --head_dim 128 --chunk 512 --dtype bfloat16 --json "$OUT/attention.json"
+    --heads 16 --kv_heads 8 --head_dim 128 --chunk 512 --dtype bfloat16 \
+    --kinds dense,chunked,block_sparse,cudnn --json "$OUT/attention.json"
 step train_tiny 120 python -m evo_jax.train --config configs/tiny.py --workdir "$OUT/tiny" \
     --config.train.steps=300 --config.train.samples=0
 step bench_train_tiny 90 python -m evo_jax.bench train --config configs/tiny.py --steps 20 \

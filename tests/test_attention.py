@@ -112,3 +112,54 @@ def test_block_sparse_attention_skips_only_masked_blocks():
   spec = attention.two_stream_spec(seg, window, offset)
   assert sum(hi - lo for s in range(0, 2 * L, chunk)
              for lo, hi in attention.key_blocks(spec, s, chunk)) == 36 * chunk
+
+
+def test_the_fused_kernel_call_equals_dense_and_is_refused_off_its_backend(
+    capsys, tmp_path, stdlib_tokenizer, small_cfg, monkeypatch):
+  """model.attention=cudnn calls jax.nn.dot_product_attention with the two-stream mask; run
+  with its XLA implementation on this CPU, the call (layout, grouped heads, mask, scale)
+  equals dot_product_attention, and the model through it keeps the mask's dependencies
+  exactly. Asked for where cuDNN is not, it is one line before anything compiles: training,
+  the AOT compiler, the attention benchmark."""
+  import functools
+  import pytest
+  from conftest import one_line_error
+  from evo_jax import aot, bench, config, train
+  from evo_jax.errors import ConfigError
+  L, B, N, K, H = 8, 2, 4, 2, 8
+  seg = jnp.asarray([[1] * 5 + [2] * 3, [1] * 8], jnp.int32)
+  mask = attention.two_stream_mask(seg, jnp.asarray([2, 8]), jnp.zeros((B,), jnp.int32))
+  q, k, v = (jax.random.normal(jax.random.key(i), (B, 2 * L, heads, H))
+             for i, heads in enumerate((N, K, K)))
+  np.testing.assert_allclose(
+      np.asarray(attention.fused_attention(q, k, v, mask, implementation="xla")),
+      np.asarray(attention.dot_product_attention(q, k, v, mask)), rtol=1e-5, atol=1e-6)
+  monkeypatch.setattr(attention, "fused_attention",
+                      functools.partial(attention.fused_attention, implementation="xla"))
+  small_cfg.model.update(attention="cudnn", dtype="bfloat16")
+  seg = np.array([1] * 7 + [2] * 6 + [0] * 3)
+  dep = dependency_matrix(small_cfg, jnp.asarray(seg[None]), 3, 1)
+  want = expected_dependencies(seg, 3, 1)
+  np.testing.assert_array_equal(dep[~want], 0.0)
+  assert np.all(dep[want] > 0)
+  monkeypatch.undo()
+  if jax.default_backend() == "gpu":    # launch/gpu_check.sh: cuDNN's kernel itself
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    np.testing.assert_allclose(
+        np.asarray(attention.fused_attention(qb, kb, vb, mask), np.float32),
+        np.asarray(attention.dot_product_attention(qb, kb, vb, mask), np.float32), atol=3e-2)
+    return
+
+  cudnn = ["--config.model.attention=cudnn", "--config.model.dtype=bfloat16"]
+  one_line_error(capsys, train.main, ["--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                                      f"--config.data.tokenizer={stdlib_tokenizer}", *cudnn],
+                 "model.attention=cudnn runs on gpu only, not on this cpu")
+  one_line_error(capsys, train.main, ["--config", "configs/tiny.py", "--workdir", str(tmp_path),
+                                      "--config.model.attention=cudnn"],
+                 "needs model.dtype=bfloat16")
+  one_line_error(capsys, bench.main, ["attention", "--kinds", "dense,cudnn"],
+                 "runs on gpu only, not on this cpu")
+  cfg = config.default_config()
+  cfg.model.update(attention="cudnn", dtype="bfloat16")
+  with pytest.raises(ConfigError, match="runs on gpu only, not on this tpu"):
+    aot.run(cfg, "v5p-8")
