@@ -32,6 +32,7 @@ import collections
 import json
 import multiprocessing
 import os
+import weakref
 
 import grain
 import numpy as np
@@ -169,6 +170,7 @@ class _ReadAhead:
   def __init__(self, metas, split, workers):
     context = multiprocessing.get_context("spawn")   # never fork a process that runs JAX
     self.pool = context.Pool(workers, _open_documents, (metas, split))
+    weakref.finalize(self, self.pool.terminate)   # also when the iterator is just dropped
     self.depth = workers * self.CHUNKS_PER_WORKER
     self.pending = collections.deque()    # (positions, AsyncResult)
     self.ready = collections.deque()      # (position, tokens)
