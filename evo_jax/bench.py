@@ -680,6 +680,8 @@ def run_data(args, rest):
   rows, seq_len = target.data.batch_size // hosts, target.data.seq_len
   consumed = rows * seq_len / step_s       # tokens per second per host
   metas = data.prepared_corpus(args.corpus)
+  if not (metas or args.tokenizer):
+    raise UserError(f"--corpus {args.corpus} is raw text: give its --tokenizer")
   tokenizer = data.load_tokenizer(args.tokenizer or prepared.tokenizer_file(metas[0]))
   heldout_fraction = metas[0]["heldout_fraction"] if metas else 0.05
   print(f"{args.target}: {target.data.batch_size} x {seq_len} tokens per step, "
@@ -690,8 +692,7 @@ def run_data(args, rest):
   for workers in args.workers:
     ds = data.make_dataset(args.corpus, "train", tokenizer, seq_len, rows, seed=0,
                            heldout_fraction=heldout_fraction, text_field=args.text_field,
-                           workers=workers,
-                           mixture=tuple(args.mixture))
+                           workers=workers, mixture=tuple(args.mixture))
     it = iter(ds)
     next(it)                               # start-up: workers, file handles
     batches, tokens, start = 0, 0, time.perf_counter()

@@ -552,9 +552,8 @@ def heldout_ids(corpus: str, heldout_fraction: float, text_field: str, tokenizer
   a prepared corpus (named DIR:heldout:INDEX), encoded from a raw one (named path[:line])."""
   metas = prepared_corpus(corpus)
   if metas:
-    counts = itertools.count()
-    for ids in prepared.split_documents(metas, "heldout"):
-      yield f"{corpus}:heldout:{next(counts)}", [int(i) for i in ids]
+    for path, index, ids in prepared.split_documents(metas, "heldout"):
+      yield f"{path}:heldout:{index}", [int(i) for i in ids]
     return
   for ref in corpus_documents(corpus, "heldout", heldout_fraction, text_field):
     yield document_name(ref), tokenizer.encode(read_document(ref))

@@ -140,11 +140,12 @@ class _Documents:
 
 
 def split_documents(metas, split):
-  """The token ids of every document of a split, directory by directory, in order."""
+  """(directory, index, token ids) of every document of a split, directory by directory, in
+  order."""
   documents = _Documents(metas, split)
   for source, size in enumerate(documents.sizes):
     for index in range(size):
-      yield documents.tokens(source, index)
+      yield metas[source]["path"], index, documents.tokens(source, index)
 
 
 _worker = {}

@@ -74,6 +74,10 @@ def test_every_input_kind_decodes_back_to_its_documents(tmp_path, stdlib_tokeniz
             if (data.hash_fraction(key) < 0.3) == (split == "heldout")]
     assert decoded(meta, split, tokenizer) == want
     assert meta["splits"][split]["documents"] == len(want) > 0
+  # What bench decode and evaluate read of a prepared corpus's held-out split.
+  heldout = list(data.heldout_ids(meta["path"], 0.3, "text", tokenizer))
+  assert [tokenizer.decode(ids) for _, ids in heldout] == want
+  assert heldout[0][0] == f"{meta['path']}:heldout:0"
   # The raw corpus reader splits the same files the same way.
   heldout = data.corpus_documents(f"{raw / 'q.jsonl'}", "heldout", 0.3)
   assert [data.read_document(r) for r in heldout] == [
