@@ -7,7 +7,6 @@ where the array lives) is checked at every restore: a checkpoint whose bytes cha
 or that cannot be read at all, is `damaged`. Training then falls back to the newest intact
 checkpoint (`restore_newest_intact`, with a warning; the damaged ones are moved aside to
 checkpoints/damaged-<step>); sample and evaluate refuse it in one line."""
-import glob
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from evo_jax import paths
 from evo_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -65,7 +65,7 @@ def fingerprint(tree):
 
 class RunCheckpoints:
   def __init__(self, workdir, keep=2, async_save=True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.path(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -101,10 +101,10 @@ class RunCheckpoints:
 
   def has_data(self, step):
     """Whether the checkpoint at `step` holds a data iterator position."""
-    return os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    return (self.directory / str(step) / "data").is_dir()
 
   def has_fingerprint(self, step):
-    return os.path.isdir(os.path.join(self.directory, str(step), "fingerprint"))
+    return (self.directory / str(step) / "fingerprint").is_dir()
 
   def restore(self, step, abstract_state, data_iterator=None):
     """The state at `step` laid out like abstract_state (shapes, dtypes, shardings); the data
@@ -112,7 +112,7 @@ class RunCheckpoints:
     step. A checkpoint whose files, metadata or arrays are not those saved:
     DamagedCheckpointError; one that holds another model's arrays: ValueError."""
     where = f"{self.directory}/{step}"
-    check_files(os.path.join(self.directory, str(step)))
+    check_files(self.directory / str(step))
     self._check_shapes(step, abstract_state)
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     elastic = None
@@ -144,9 +144,8 @@ class RunCheckpoints:
     else every saved process's state, for an iterator that can resume on another number of
     processes (a prepared corpus: evo_jax/prepared.py); a one-line CheckpointError for one
     that cannot."""
-    folder = os.path.join(self.directory, str(step), "data")
-    files = sorted(glob.glob(os.path.join(folder, "process_*-of-*.json")))
-    counts = {int(f.rsplit("-of-", 1)[1][:-len(".json")]) for f in files}
+    files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+    counts = {int(f.name.rsplit("-of-", 1)[1][:-len(".json")]) for f in files}
     if not counts or counts == {jax.process_count()}:
       return None
     saved = max(counts)
@@ -158,9 +157,8 @@ class RunCheckpoints:
           f"evo_jax.prepare) to resume on any number")
     states = []
     for path in files:
-      if path.endswith(f"-of-{saved}.json"):
-        with open(path) as f:
-          states.append(json.load(f))
+      if path.name.endswith(f"-of-{saved}.json"):
+        states.append(json.loads(path.read_text()))
     return states
 
   def _check_shapes(self, step, abstract_state):
@@ -205,8 +203,7 @@ class RunCheckpoints:
 
   def move_aside(self, step):
     if jax.process_index() == 0:
-      os.replace(os.path.join(self.directory, str(step)),
-                 os.path.join(self.directory, f"damaged-{step}"))
+      (self.directory / str(step)).rename(self.directory / f"damaged-{step}")
     if jax.process_count() > 1:   # every process sees the move before it looks again
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
@@ -220,7 +217,7 @@ class RunCheckpoints:
       raise self._save_error(e) from None
     if jax.process_index() == 0:
       for step in self._unlisted & set(self.manager.all_steps()):
-        write_file_list(os.path.join(self.directory, str(step)))
+        write_file_list(self.directory / str(step))
     self._unlisted = set()
 
   def close(self):
@@ -251,40 +248,30 @@ SMALL_FILE = 1 << 20
 
 def _file_list(step_dir):
   out = {}
-  for root, _, names in os.walk(step_dir):
-    for n in names:
-      path = os.path.join(root, n)
-      rel = os.path.relpath(path, step_dir)
-      if rel == FILES_NAME:
-        continue
-      size = os.path.getsize(path)
-      crc = None
-      if size <= SMALL_FILE:
-        with open(path, "rb") as f:
-          crc = zlib.crc32(f.read())
-      out[rel] = [size, crc]
+  step_dir = paths.path(step_dir)
+  for folder, _, names in step_dir.walk():
+    for name in names:
+      path = folder / name
+      rel = os.fspath(path.relative_to(step_dir))
+      if rel != FILES_NAME:
+        size = path.stat().length
+        out[rel] = [size, zlib.crc32(path.read_bytes()) if size <= SMALL_FILE else None]
   return out
 
 
 def write_file_list(step_dir):
-  listing = _file_list(step_dir)
-  path = os.path.join(step_dir, FILES_NAME)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(listing, f)
-  os.replace(tmp, path)
+  paths.write_text(paths.path(step_dir) / FILES_NAME, json.dumps(_file_list(step_dir)))
 
 
 def check_files(step_dir):
   """DamagedCheckpointError naming the first file that is missing, cut short or altered (a
   checkpoint without a file list, saved before it existed or killed before it was written:
   not checked here)."""
-  path = os.path.join(step_dir, FILES_NAME)
-  if not os.path.exists(path):
+  path = paths.path(step_dir) / FILES_NAME
+  if not path.exists():
     return
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(path.read_text())
   except (OSError, ValueError):
     raise DamagedCheckpointError(f"checkpoint {step_dir} is damaged: {FILES_NAME} cannot be "
                                  f"read") from None
@@ -349,16 +336,10 @@ def abstract_like(tree, shardings):
 
 def read_config(workdir):
   """The config dict saved in a workdir, or None when the workdir holds no run."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = paths.path(workdir) / CONFIG_FILE
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_config(workdir, config_dict):
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = f"{path}.tmp{os.getpid()}"   # a writer's own: another's rename cannot take it away
-  with open(tmp, "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  paths.write_text(paths.path(workdir) / CONFIG_FILE,
+                   json.dumps(config_dict, indent=2, sort_keys=True))

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from evo_jax import paths
 from evo_jax import prepared
 from evo_jax.errors import UserError
 
@@ -236,10 +237,10 @@ class Tokenizer:
   """
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
       raise DataError(f"tokenizer model not found: {path}")
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self._sp = spm.SentencePieceProcessor(model_proto=paths.path(path).read_bytes())
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
     if self.pad_id != PAD_ID or self.bos_id < 0 or self.eos_id < 0:
@@ -268,20 +269,19 @@ class HFTokenizer:
   documents are separated by eos alone, as in Qwen's pre-training, so bos_id is eos_id."""
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
       raise DataError(f"tokenizer file not found: {path}")
     import tokenizers  # the `convert` extra; SentencePiece runs do not need it
     self.path = path
     try:
-      self._tok = tokenizers.Tokenizer.from_file(path)
+      self._tok = tokenizers.Tokenizer.from_str(paths.path(path).read_text())
     except Exception as e:  # the Rust library raises a bare Exception on a malformed file
       raise DataError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     special = {}
-    config_path = os.path.join(os.path.dirname(path), HF_TOKENIZER_CONFIG)
-    if os.path.isfile(config_path):
-      with open(config_path, encoding="utf-8") as f:
-        special = json.load(f)
+    config_path = paths.path(path).parent / HF_TOKENIZER_CONFIG
+    if config_path.is_file():
+      special = json.loads(config_path.read_text())
     self.eos_id = self._special_id(special, "eos_token")
     if self.eos_id is None:
       raise DataError(f"tokenizer {path}: no eos_token in {config_path}")
@@ -350,11 +350,7 @@ def train_tokenizer(out_path: str, corpus: str, vocab_size: int, heldout_fractio
   except RuntimeError as e:  # e.g. a vocab too small for the corpus's characters
     reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
     raise DataError(f"tokenizer training failed (vocab_size={vocab_size}): {reason}") from None
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = f"{out_path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, out_path)  # never leave a half-written model for a resumed run to load
+  paths.write_bytes(out_path, model.getvalue())  # never half a model for a resumed run
   print(f"tokenizer trained in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
   return Tokenizer(out_path)
 
@@ -382,14 +378,14 @@ def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_si
   prepared with; else train one."""
   if model_path:
     return load_tokenizer(model_path)
-  imported = os.path.join(workdir, HF_TOKENIZER_FILE)
-  if os.path.isfile(imported):
+  imported = os.fspath(paths.path(workdir) / HF_TOKENIZER_FILE)
+  if paths.path(imported).is_file():
     return HFTokenizer(imported)
   metas = prepared_corpus(corpus)
   if metas:
     return load_tokenizer(prepared.tokenizer_file(metas[0]))
-  cached = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.isfile(cached):
+  cached = os.fspath(paths.path(workdir) / TOKENIZER_FILE)
+  if paths.path(cached).is_file():
     tok = Tokenizer(cached)
     if tok.vocab_size != vocab_size:
       raise DataError(f"cached tokenizer {cached} has vocab_size {tok.vocab_size}, not "
@@ -404,7 +400,7 @@ TOKENIZER_FINGERPRINT = "tokenizer.sha256"   # in the workdir: the run's tokeniz
 
 def file_sha256(path):
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -414,20 +410,16 @@ def check_tokenizer(tokenizer, workdir, record=False):
   """Refuses a tokenizer whose file is not the one the workdir's run was trained with (a
   swapped file of the same size would otherwise tokenise silently wrong); with `record`, a
   run's first trainer writes the fingerprint (WORKDIR/tokenizer.sha256, sha256sum's format)."""
-  path = os.path.join(workdir, TOKENIZER_FINGERPRINT)
+  path = paths.path(workdir) / TOKENIZER_FINGERPRINT
   digest = file_sha256(tokenizer.path)
-  if os.path.isfile(path):
-    with open(path) as f:
-      saved = f.read().split()
+  if path.is_file():
+    saved = path.read_text().split()
     if saved and saved[0] != digest:
       raise DataError(f"tokenizer {tokenizer.path} is not the one the run in {workdir} was "
                       f"trained with (sha256 {digest[:12]}..., recorded {saved[0][:12]}... in "
                       f"{path})")
   elif record:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(f"{digest}  {tokenizer.path}\n")
-    os.replace(tmp, path)
+    paths.write_text(path, f"{digest}  {tokenizer.path}\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from evo_jax import decoding
 from evo_jax import files
 from evo_jax import humaneval
 from evo_jax import measure
+from evo_jax import paths
 from evo_jax import run as run_lib
 from evo_jax import scoring
 from evo_jax.errors import UserError
@@ -528,7 +529,7 @@ def evaluate(argv):
   options = {k: v for k, v in vars(task_args).items() if k not in generation}
   record = {
       "task": args.task, "benchmark": results.pop("benchmark"),
-      "checkpoint": {"workdir": os.path.abspath(args.workdir), "step": int(step)},
+      "checkpoint": {"workdir": str(paths.path(args.workdir)), "step": int(step)},
       "tokenizer": tokenizer.path, "shots": results.pop("shots"), "policy": None,
       "policy_settings": None, "temperature": None, "top_p": None, "seed": args.seed,
       "options": options, "n_examples": len(results["examples"]), "score": None,

@@ -3,6 +3,7 @@ missing file, a directory where a file is expected, invalid UTF-8 or a failed wr
 temporary file left behind. (The training corpus has its own reader: data.py.)"""
 import os
 
+from evo_jax import paths
 from evo_jax.errors import UserError
 
 
@@ -31,13 +32,7 @@ def write_text(path, text, what="output"):
   """Writes `path` whole or not at all: a failed write never leaves a half file, a temporary
   file, or loses the old one."""
   check_output(path, what)
-  tmp = f"{path}.tmp{os.getpid()}"
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)
   except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
     raise UserError(f"cannot write {what} {path}: {e.strerror or e}") from None

@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from evo_jax import paths
 from evo_jax.errors import ConfigError, UserError
 
 ON_NONFINITE = ("stop", "skip")
@@ -171,7 +172,7 @@ class WorkdirLock:
   other is a one-line error naming who holds it."""
 
   def __init__(self, workdir, enabled=True):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = paths.path(workdir) / LOCK_FILE
     self.enabled = enabled
     self.took_over = None
 
@@ -180,34 +181,26 @@ class WorkdirLock:
       return self
     me = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime("%Y-%m-%d %H:%M:%S"))
     for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._holder()
-        if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
-          self.took_over = holder
-          os.remove(self.path)      # stale: its process is gone
-          continue
-        raise WorkdirLockedError(
-            f"{os.path.dirname(self.path)} is in use by another trainer (pid "
-            f"{holder.get('pid', '?')} on {holder.get('host', '?')} since "
-            f"{holder.get('since', '?')}): use another --workdir, or delete {self.path} if "
-            f"that trainer is gone") from None
-      with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-      return self
+      if paths.create_exclusive(self.path, json.dumps(me)):
+        return self
+      holder = self._holder()
+      if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
+        self.took_over = holder
+        self.path.unlink(missing_ok=True)      # stale: its process is gone
+        continue
+      raise WorkdirLockedError(
+          f"{self.path.parent} is in use by another trainer (pid "
+          f"{holder.get('pid', '?')} on {holder.get('host', '?')} since "
+          f"{holder.get('since', '?')}): use another --workdir, or delete {self.path} if "
+          f"that trainer is gone")
     raise WorkdirLockedError(f"cannot take the lock {self.path}")
 
   def _holder(self):
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(self.path.read_text())
     except (OSError, ValueError):
       return {}       # being written, or damaged: treated as held by an unknown trainer
 
   def __exit__(self, *exc):
     if self.enabled:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      self.path.unlink(missing_ok=True)

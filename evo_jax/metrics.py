@@ -1,9 +1,10 @@
 """Where a run's numbers go: WORKDIR/metrics.jsonl (one JSON object per logged step, for
 tables and tests) and TensorBoard event files under WORKDIR/tb (for people watching)."""
 import json
-import os
 
 import numpy as np
+
+from evo_jax import paths
 
 
 class MetricsWriter:
@@ -15,19 +16,18 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.path(workdir) / "metrics.jsonl"
     drop_records_after(self.path, start_step)
-    self._file = open(self.path, "a")
+    self._log = paths.LineLog(self.path)
     from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+    self._tb = SummaryWriter(str(paths.path(workdir) / "tb"), purge_step=start_step + 1)
 
   def write(self, step, record):
     """record: {name: number or list of numbers}; lists go to TensorBoard element-wise."""
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    self._log.append(json.dumps(record))
     for name, value in record.items():
       if name == "step" or isinstance(value, str):
         continue
@@ -41,7 +41,7 @@ class MetricsWriter:
 
   def close(self):
     if self.enabled:
-      self._file.close()
+      self._log.close()
       self._tb.close()
 
 
@@ -58,10 +58,10 @@ def _plain(value):
 def drop_records_after(path, step):
   """Rewrites metrics.jsonl (whole, atomically) without its records past `step`, and without
   a last line cut short by a kill."""
-  if not os.path.exists(path):
+  path = paths.path(path)
+  if not path.exists():
     return
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = path.read_text().splitlines()
   kept = []
   for line in lines:
     try:
@@ -71,12 +71,9 @@ def drop_records_after(path, step):
       continue
   if len(kept) == len(lines):
     return
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  paths.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = (paths.path(workdir) / "metrics.jsonl").read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -8,10 +8,11 @@ Inputs, comma-separated: files and globs (a .jsonl file holds one document per l
 one document) and Hugging Face `datasets` directories saved with save_to_disk (the arrow files
 named by their state.json; name one split of a DatasetDict). Empty documents are dropped.
 
-The documents are listed and checked first, in one pass (a bad file fails before anything is
-written), split into train and heldout by the stable hash that raw corpora use, and cut into
---shards contiguous shards per split. Worker processes tokenise a shard each and write it
-under a temporary name, renamed when complete; metadata.json is written last. A prepare killed
+The documents are listed and checked first, the files read by the worker processes (a bad
+file fails before anything is written), split into train and heldout by the stable hash that
+raw corpora use, and cut into --shards contiguous shards per split. The workers then tokenise
+a shard each and write it under a temporary name, renamed when complete; metadata.json is
+written last. A prepare killed
 at any point and rerun with the same arguments redoes only the shards not complete and gives
 byte-identical files; rerun with other arguments, it refuses (use another --out).
 """
@@ -86,28 +87,42 @@ def _saved_dataset_files(directory):
     return [os.path.join(directory, entry["filename"]) for entry in json.load(f)["_data_files"]]
 
 
-def list_documents(inputs, text_field):
-  """[(split key, ref)] for every document of the comma-separated inputs, in a fixed order."""
-  docs, seen = [], set()
+def list_files(inputs):
+  """[(path, kind)] of the comma-separated inputs, each file once, in a fixed order."""
+  files, seen = [], set()
   for item in (i.strip() for i in inputs.split(",")):
     if not item:
       continue
     item = os.path.expanduser(item)
     if os.path.isdir(item):
-      files = [(path, "arrow") for path in _saved_dataset_files(item)]
+      found = [(path, "arrow") for path in _saved_dataset_files(item)]
     else:
       matches = [p for p in sorted(glob.glob(item, recursive=True)) if os.path.isfile(p)]
       if not matches:
         raise data.DataError(f"input not found: {item}")
-      files = [(p, "parquet" if p.endswith(".parquet") else "text") for p in matches]
-    for path, kind in files:
-      if path in seen:
-        continue
-      seen.add(path)
-      if kind == "text":
-        docs += [(f"{ref.path}:{ref.line}", ref) for ref in data.scan_file(path, text_field)]
-      else:
-        docs += _table_refs(path, text_field, kind)
+      found = [(p, "parquet" if p.endswith(".parquet") else "text") for p in matches]
+    for path, kind in found:
+      if path not in seen:
+        seen.add(path)
+        files.append((path, kind))
+  return files
+
+
+def _file_documents(task):
+  """[(split key, ref)] of one file's documents; the file is read once to check it."""
+  path, kind, text_field = task
+  if kind == "text":
+    return [(f"{ref.path}:{ref.line}", ref) for ref in data.scan_file(path, text_field)]
+  return _table_refs(path, text_field, kind)
+
+
+def list_documents(inputs, text_field, pool=None):
+  """[(split key, ref)] for every document of the comma-separated inputs, in a fixed order;
+  the files are read by `pool`'s processes when given (in order: the same list)."""
+  tasks = [(path, kind, text_field) for path, kind in list_files(inputs)]
+  per_file = pool.imap(_file_documents, tasks, chunksize=8) if pool else map(_file_documents,
+                                                                               tasks)
+  docs = [doc for file_docs in per_file for doc in file_docs]
   if not docs:
     raise data.DataError(f"no documents in {inputs}")
   return docs
@@ -249,32 +264,33 @@ def prepare(args, log=print):
     raise data.DataError(f"--shards={args.shards} must be at least 1")
   if not 0.0 <= args.heldout_fraction < 1.0:
     raise data.DataError(f"--heldout_fraction={args.heldout_fraction} must be in [0, 1)")
-  docs = list_documents(args.input, args.text_field)
-  plan, tasks = _plan(args, docs, digest)
   out = epath.Path(args.out)
-  _claim(out, plan)
-  if (out / prepared.METADATA).exists():
+  if (out / prepared.METADATA).exists():   # finished: only the plan is checked (below)
+    plan, tasks = _plan(args, list_documents(args.input, args.text_field), digest)
+    _claim(out, plan)
     log(f"{args.out} is already prepared")
     return prepared.load_metadata(args.out)
-  counts = {}
-  todo = []
-  for task in tasks:
-    path = out / task[1]
-    if path.exists():
-      counts[task[1]] = _shard_counts(path)
-    else:
-      todo.append(task)
-  if counts:
-    log(f"{len(counts)} of {len(tasks)} shards were complete: preparing the other {len(todo)}")
-  workers = max(1, min(args.workers, len(todo)))
-  with Progress(f"preparing {args.out}", len(tasks), "shards") as progress:
-    progress.advance(len(counts))
-    if todo:
-      context = multiprocessing.get_context("spawn")   # never fork: JAX may hold threads
-      with context.Pool(workers, _init_worker, (tokenizer.path,)) as pool:
-        for name, documents, tokens in pool.imap_unordered(_write_shard, todo):
-          counts[name] = (documents, tokens)
-          progress.advance()
+  # One pool of processes lists the files, then tokenises the shards.
+  context = multiprocessing.get_context("spawn")   # never fork: JAX may hold threads
+  with context.Pool(max(1, args.workers), _init_worker, (tokenizer.path,)) as pool:
+    plan, tasks = _plan(args, list_documents(args.input, args.text_field, pool), digest)
+    _claim(out, plan)
+    counts = {}
+    todo = []
+    for task in tasks:
+      path = out / task[1]
+      if path.exists():
+        counts[task[1]] = _shard_counts(path)
+      else:
+        todo.append(task)
+    if counts:
+      log(f"{len(counts)} of {len(tasks)} shards were complete: preparing the other "
+          f"{len(todo)}")
+    with Progress(f"preparing {args.out}", len(tasks), "shards") as progress:
+      progress.advance(len(counts))
+      for name, documents, tokens in pool.imap_unordered(_write_shard, todo):
+        counts[name] = (documents, tokens)
+        progress.advance()
   splits = {}
   for split in prepared.SPLITS:
     shards = [{"file": name, "documents": counts[name][0], "tokens": counts[name][1]}

@@ -62,8 +62,9 @@ def is_prepared(path):
 
 
 def load_metadata(path):
-  """The metadata of a finished prepared directory, each shard checked to be there with its
-  number of documents; a PreparedError naming the file otherwise."""
+  """The metadata of a finished prepared directory, each shard checked to be there (one
+  listing of the directory: one request on a bucket); a PreparedError naming the file
+  otherwise. Their document counts are checked when they are opened (_Documents)."""
   root = epath.Path(os.path.expanduser(path))
   meta_path = root / METADATA
   if not meta_path.exists():
@@ -75,20 +76,30 @@ def load_metadata(path):
     raise PreparedError(f"{meta_path} is not valid JSON") from None
   if meta.get("format") != FORMAT:
     raise PreparedError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-  from array_record.python import array_record_module
+  present = {p.name for p in root.iterdir()}
   for split in SPLITS:
     for shard in meta["splits"][split]["shards"]:
-      shard_path = root / shard["file"]
-      if not shard_path.exists():
+      if shard["file"] not in present:
         raise PreparedError(f"{root}: shard {shard['file']} is missing")
-      reader = array_record_module.ArrayRecordReader(str(shard_path))
-      found = reader.num_records()
-      reader.close()
-      if found != shard["documents"]:
-        raise PreparedError(f"{shard_path} holds {found} documents, its metadata says "
-                            f"{shard['documents']} (a damaged or foreign shard)")
   meta["path"] = str(root)
   return meta
+
+
+def _check_counts(meta, split, found):
+  """PreparedError naming the first shard of a split whose number of documents is not its
+  metadata's, when the split's `found` total differs from the metadata's."""
+  shards = meta["splits"][split]["shards"]
+  if found == sum(s["documents"] for s in shards):
+    return
+  from array_record.python import array_record_module
+  for shard in shards:
+    shard_path = os.path.join(meta["path"], shard["file"])
+    reader = array_record_module.ArrayRecordReader(shard_path)
+    count = reader.num_records()
+    reader.close()
+    if count != shard["documents"]:
+      raise PreparedError(f"{shard_path} holds {count} documents, its metadata says "
+                          f"{shard['documents']} (a damaged or foreign shard)")
 
 
 def tokenizer_file(meta):
@@ -133,6 +144,7 @@ class _Documents:
       files = [os.path.join(meta["path"], s["file"])
                for s in meta["splits"][split]["shards"] if s["documents"]]
       self.sources.append(grain.sources.ArrayRecordDataSource(files) if files else [])
+      _check_counts(meta, split, len(self.sources[-1]))
     self.sizes = [len(s) for s in self.sources]
 
   def tokens(self, source, index):
@@ -259,6 +271,7 @@ class PreparedIterator(grain.DatasetIterator):
   def __init__(self, dataset: PreparedDataset):
     super().__init__()
     self.ds = dataset
+    self.read_ahead = None       # set below; close() may run if _Documents refuses a shard
     self.documents = _Documents(dataset.metas, dataset.split)
     if dataset.split == "train":
       self.stream = _train_stream(self.documents.sizes, dataset.draw_weights, dataset.seed)

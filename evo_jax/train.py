@@ -7,7 +7,6 @@ at the end print the headline numbers and a few samples decoded from the saved c
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 
@@ -28,6 +27,7 @@ from evo_jax import loss as loss_lib
 from evo_jax import measure as measure_lib
 from evo_jax import metrics as metrics_lib
 from evo_jax import model as model_lib
+from evo_jax import paths
 from evo_jax import progression
 from evo_jax import run as run_lib
 from evo_jax import sharding
@@ -143,7 +143,7 @@ class Trainer:
     model_lib.from_config(cfg.model)         # one-line errors for bad settings, before any work
     attention.check_backend(cfg.model.attention)
     loss_lib.check_config(cfg)
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     self.cfg, self.workdir = cfg, workdir
     self.mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch_size(self.mesh, cfg.data.batch_size, cfg.train.grad_accum_steps)
@@ -342,11 +342,10 @@ def throughput(tokens, steps, seconds, step_flops, peak):
 def record_rows(workdir, step, local_batch):
   """Appends a hash of every row this process read at `step` to batches/process_<i>.jsonl:
   which host read which data, checkable after the fact."""
-  os.makedirs(os.path.join(workdir, "batches"), exist_ok=True)
   rows = [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in np.asarray(local_batch["tokens"])]
-  path = os.path.join(workdir, "batches", f"process_{jax.process_index()}.jsonl")
-  with open(path, "a") as f:
-    f.write(json.dumps({"step": step, "rows": rows}) + "\n")
+  log = paths.LineLog(paths.path(workdir) / "batches" / f"process_{jax.process_index()}.jsonl")
+  log.append(json.dumps({"step": step, "rows": rows}))
+  log.close()
 
 
 def status_line(step, total, r, tokens_per_step):

@@ -75,6 +75,15 @@ def one_line_error(capsys, main, argv, *fragments):
   return lines[0]
 
 
+def as_bucket(monkeypatch, root):
+  """Files under `root` are handled as on a bucket (evo_jax/paths.py): no appends, no
+  temporary files renamed, no exclusive creation; they stay on the local disk."""
+  from evo_jax import paths
+  local = paths.is_remote
+  monkeypatch.setattr(paths, "is_remote", lambda p: local(p) or os.fspath(p).startswith(
+      str(root)))
+
+
 @pytest.fixture
 def small_cfg():
   return small_config()

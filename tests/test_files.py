@@ -2,7 +2,9 @@
 behind."""
 import pytest
 
+from conftest import as_bucket
 from evo_jax import files
+from evo_jax import paths
 from evo_jax.errors import UserError
 
 
@@ -38,3 +40,30 @@ def test_write_text_whole_or_not_at_all(tmp_path):
   one_line(lambda: files.write_text(str(blocker / "out.json"), "x", "--output"),
            "cannot write --output", "a_file/out.json")
   assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "out.json", "sub"]
+
+
+@pytest.mark.parametrize("where", ["disk", "bucket"])
+def test_workdir_files_on_a_disk_and_on_a_bucket(tmp_path, monkeypatch, where):
+  """What a workdir's writers need (evo_jax/paths.py), with a disk's means and a bucket's."""
+  if where == "bucket":
+    as_bucket(monkeypatch, tmp_path)
+  assert paths.is_remote(tmp_path / "x") == (where == "bucket")
+  assert not paths.is_remote("runs/tiny") and paths.is_remote("gs://bucket/runs/tiny")
+  assert str(paths.path("gs://bucket/runs/tiny")) == "gs://bucket/runs/tiny"
+  out = tmp_path / "sub" / "state.json"
+  paths.write_text(out, "one")
+  paths.write_text(out, "two")
+  assert out.read_text() == "two"
+  log = paths.LineLog(tmp_path / "logs" / "metrics.jsonl")
+  log.append("1")
+  log.append("2")
+  log.close()
+  log = paths.LineLog(tmp_path / "logs" / "metrics.jsonl")   # a resumed run's: keeps the lines
+  log.append("3")
+  log.close()
+  assert (tmp_path / "logs" / "metrics.jsonl").read_text() == "1\n2\n3\n"
+  assert paths.create_exclusive(tmp_path / "lock", "me")
+  assert not paths.create_exclusive(tmp_path / "lock", "another")
+  assert (tmp_path / "lock").read_text() == "me"
+  assert sorted(p.name for p in tmp_path.rglob("*")) == [
+      "lock", "logs", "metrics.jsonl", "state.json", "sub"]     # no temporary file left

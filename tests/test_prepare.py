@@ -172,3 +172,6 @@ def test_bad_input_is_one_line_and_loses_nothing(tmp_path, capsys, stdlib_tokeni
   shard.rename(tmp_path / "aside")
   with pytest.raises(UserError, match=f"{out}: shard {shard.name} is missing"):
     make(str(out))
+  shard.write_bytes((out / prepared.shard_name("heldout", 0, 2)).read_bytes())   # another's
+  with pytest.raises(UserError, match=f"{shard} holds [0-9]+ documents, its metadata says"):
+    next(iter(make(str(out))))

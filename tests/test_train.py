@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import one_device, REPO
+from conftest import as_bucket, one_device, REPO
 from evo_jax import checkpoint
 from evo_jax import cli
 from evo_jax import metrics
@@ -54,12 +54,14 @@ def test_tiny_config_loss_falls_on_the_standard_library(stdlib_tokenizer, tmp_pa
   assert (tmp_path / "tb").is_dir() and any((tmp_path / "tb").iterdir())
 
 
-def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(run_cfg, tmp_path, monkeypatch):
   """SIGTERM (a preemption notice) while step 2 is logged: the run saves step 2, between its
   periodic checkpoints (every 3), and stops; the same command run again logs what the
-  uninterrupted run logged, each step once."""
+  uninterrupted run logged, each step once. The stopped run's workdir is handled as a bucket's
+  (rewritten, never appended to: evo_jax/paths.py)."""
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   _, state = run(run_cfg, straight)
+  as_bucket(monkeypatch, stopped)
 
   def preempt_at_step_2(line):
     if line.startswith("step      2/"):
