@@ -30,7 +30,7 @@ def test_command_one_trains_decodes_and_starts_quietly(tmp_path, stdlib_tokenize
   import importlib.util
   assert importlib.util.find_spec("libtpu") is not None, "the test extras install libtpu"
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  env["XLA_FLAGS"] = ""            # one CPU device, as on a user's machine
+  env["XLA_FLAGS"] = conftest.FAST_COMPILE    # one CPU device, as on a user's machine
   overrides = [f"--config.model.{k}={v}" for k, v in conftest.SMALL_MODEL.items()
                if k != "vocab_size"] + [
       "--config.model.vocab_size=512", f"--config.data.tokenizer={stdlib_tokenizer}",
