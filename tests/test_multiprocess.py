@@ -34,7 +34,7 @@ def command(workdir, tokenizer, corpus, processes=2):
          "mesh.fsdp": 2, "optim.warmup_steps": 2, "optim.decay_steps": STEPS,
          "train.steps": STEPS, "train.log_every": LOG_EVERY, "train.eval_every": STEPS,
          "train.ckpt_every": 3, "train.keep_checkpoints": 10, "train.eval_batches": 1,
-         "train.samples": 0, "train.record_batches": True})
+         "train.samples": 0, "train.record_batches": True, "bound.windows": 1})
   return ([sys.executable, str(REPO / "launch" / "local.py"), "--processes", str(processes),
            "--devices_per_process", str(8 // processes), "--", "--config",
            str(REPO / "configs" / "tiny.py"),
