@@ -378,9 +378,9 @@ def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_si
   prepared with; else train one."""
   if model_path:
     return load_tokenizer(model_path)
-  imported = os.fspath(paths.path(workdir) / HF_TOKENIZER_FILE)
-  if paths.path(imported).is_file():
-    return HFTokenizer(imported)
+  imported = paths.path(workdir) / HF_TOKENIZER_FILE
+  if imported.is_file():
+    return HFTokenizer(os.fspath(imported))
   metas = prepared_corpus(corpus)
   if metas:
     return load_tokenizer(prepared.tokenizer_file(metas[0]))
