@@ -384,14 +384,14 @@ def load_or_train_tokenizer(model_path: str, workdir: str, corpus: str, vocab_si
   metas = prepared_corpus(corpus)
   if metas:
     return load_tokenizer(prepared.tokenizer_file(metas[0]))
-  cached = os.fspath(paths.path(workdir) / TOKENIZER_FILE)
-  if paths.path(cached).is_file():
-    tok = Tokenizer(cached)
+  cached = paths.path(workdir) / TOKENIZER_FILE
+  if cached.is_file():
+    tok = Tokenizer(os.fspath(cached))
     if tok.vocab_size != vocab_size:
       raise DataError(f"cached tokenizer {cached} has vocab_size {tok.vocab_size}, not "
                       f"{vocab_size} (use another workdir or the same vocab_size)")
     return tok
-  return train_tokenizer(cached, corpus, vocab_size, heldout_fraction, text_field,
+  return train_tokenizer(os.fspath(cached), corpus, vocab_size, heldout_fraction, text_field,
                          max_training_chars)
 
 

@@ -12,9 +12,9 @@ The documents are listed and checked first, the files read by the worker process
 file fails before anything is written), split into train and heldout by the stable hash that
 raw corpora use, and cut into --shards contiguous shards per split. The workers then tokenise
 a shard each and write it under a temporary name, renamed when complete; metadata.json is
-written last. A prepare killed
-at any point and rerun with the same arguments redoes only the shards not complete and gives
-byte-identical files; rerun with other arguments, it refuses (use another --out).
+written last. A prepare killed at any point and rerun with the same arguments redoes only the
+shards not complete and gives byte-identical files; rerun with other arguments, it refuses
+(use another --out).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
-from evo_jax import data, prepared
+from evo_jax import data, paths, prepared
 from evo_jax.errors import UserError
 from evo_jax.progress import Progress
 
@@ -222,10 +222,7 @@ def _plan(args, docs, tokenizer_sha256):
 
 
 def _write_json(path, value):
-  """Whole or not at all: a temporary file renamed."""
-  tmp = path.with_name(f"{path.name}.tmp")
-  tmp.write_text(json.dumps(value, indent=1))
-  tmp.replace(path)
+  paths.write_text(path, json.dumps(value, indent=1))   # whole or not at all
 
 
 def _claim(out, plan):

@@ -11,7 +11,7 @@ import pytest
 # Simulated devices for the multi-device tests; must be set before JAX is imported. And LLVM's
 # optimisation level 0: the suite is mostly XLA compiling small programs, which this makes
 # about a third faster; the programs run about 2x slower, so a test that runs one many times
-# compiles it at XLA's default level (`optimised`). Inherited by the subprocesses.
+# compiles it at XLA's default level (`OPTIMISED`). Inherited by the subprocesses.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 # The CPU backend only, also where libtpu is installed (for evo_jax.aot): otherwise JAX probes
@@ -35,10 +35,9 @@ SMALL_MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=
                    time_dim=32, fourier_dim=16, time_rank=8)
 
 
-def optimised(jitted, *args):
-  """`jitted` compiled for `args` at XLA's default optimisation level (3), not the suite's 0:
-  for a program a test runs many times."""
-  return jitted.lower(*args).compile(compiler_options={"xla_backend_optimization_level": 3})
+# `jax.jit(f, compiler_options=OPTIMISED)`: XLA's default optimisation level (3), not the
+# suite's 0, for a program a test runs many times.
+OPTIMISED = {"xla_backend_optimization_level": 3}
 
 
 def one_device():
